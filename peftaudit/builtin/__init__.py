@@ -1,0 +1,1 @@
+"""Built-in plugins: peftaudit's own behaviour, registered through the public hooks."""

@@ -1,0 +1,89 @@
+"""A cache of finished reports, so a second report of the same model skips torch.
+
+Keyed by the exact config, the source, peftaudit's and transformers' versions
+(read from package metadata, not by importing transformers) and the build
+options. Entries are JSON written atomically; a corrupt entry is ignored and
+rebuilt. ``PEFTAUDIT_CACHE_DIR`` moves the cache; ``PEFTAUDIT_NO_CACHE=1``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peftaudit._version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.report import Report
+    from peftaudit.sources.base import ResolvedModel, SourceOptions
+
+
+def cache_dir() -> Path:
+    """Where reports are cached."""
+    explicit = os.environ.get("PEFTAUDIT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "peftaudit" / "reports"
+
+
+def enabled() -> bool:
+    return os.environ.get("PEFTAUDIT_NO_CACHE", "").strip().lower() in ("", "0", "false", "no")
+
+
+def key_for(resolved: ResolvedModel, options: SourceOptions) -> str | None:
+    """The cache key for this model and options, or ``None`` when caching is off."""
+    if not enabled():
+        return None
+    return resolved.fingerprint(
+        f"peftaudit={__version__}",
+        f"transformers={_version('transformers')}",
+        f"torch={_version('torch')}",
+        f"trust_remote_code={options.trust_remote_code}",
+        f"id={resolved.id}",
+        f"origin={resolved.origin}",
+        f"notes={'|'.join(resolved.notes)}",
+    )
+
+
+def load(key: str) -> Report | None:
+    """The cached report for ``key``, or ``None`` if absent or unreadable."""
+    from peftaudit.report import SCHEMA_VERSION, Report
+
+    path = cache_dir() / f"{key}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("schema_version") != SCHEMA_VERSION:
+            return None
+        return Report.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(key: str, report: Report) -> None:
+    """Write the report atomically; a cache that cannot be written is skipped silently."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(report.to_dict(), fh, separators=(",", ":"))
+            os.replace(tmp, folder / f"{key}.json")
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"

@@ -1,0 +1,41 @@
+"""``peftaudit plugins``: which plugins are loaded and which hooks each implements."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from peftaudit.commands._output import add_output_arguments, emit
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "plugins",
+        help="list loaded plugins and the hooks they implement",
+        description=(
+            "List the plugins peftaudit loaded (built-ins first, then the 'peftaudit' entry-point "
+            "group unless PEFTAUDIT_DISABLE_PLUGIN_AUTOLOAD is set) and their hooks."
+        ),
+    )
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftaudit.errors import PeftauditError
+    from peftaudit.plugins import describe
+
+    rows = describe()
+    fmt = args.format or "table"
+    if fmt == "json":
+        emit(json.dumps([{"name": n, "hooks": h} for n, h in rows], indent=2) + "\n", args)
+    elif fmt == "table":
+        lines = []
+        for name, hooks in rows:
+            lines.append(name)
+            lines += [f"  {hook}" for hook in hooks]
+        emit("\n".join(lines) + "\n", args)
+    else:
+        raise PeftauditError(f"plugins supports --format table or json, not '{fmt}'")
+    return 0

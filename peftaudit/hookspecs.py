@@ -1,0 +1,61 @@
+"""Every hook a peftaudit plugin can implement.
+
+Plugins implement hooks with ``@peftaudit.hookimpl``. Hooks that add things to
+peftaudit receive a ``register`` callable and call it once per item, so a
+plugin reads as a list of what it contributes::
+
+    import peftaudit
+
+    @peftaudit.hookimpl
+    def peftaudit_register_architecture_rules(register):
+        register(ArchitectureRule(r"\\.wq$", ModuleRole.ATTENTION_Q, model_types=("mymodel",)))
+
+Built-in behaviour is registered through these same hooks (see
+``peftaudit.builtin``). Third-party plugins are found through the
+``peftaudit`` entry-point group; ``PEFTAUDIT_DISABLE_PLUGIN_AUTOLOAD=1`` turns
+that off. An implementation of a hook not declared here is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.architecture import ArchitectureRule
+    from peftaudit.render import Renderer
+    from peftaudit.sources.base import ModelSource
+
+hookspec = pluggy.HookspecMarker("peftaudit")
+
+
+@hookspec
+def peftaudit_register_sources(register: Callable[[ModelSource], None]) -> None:
+    """Register model sources: objects that turn a user's model argument into a skeleton.
+
+    A source has a ``name``, a ``priority`` (lower is tried first; built-ins use
+    100 for local paths, 200 for the bundled catalog, 300 for the hub),
+    ``resolve(spec, options)`` returning a :class:`~peftaudit.sources.base.ResolvedModel`
+    or ``None`` when the spec is not its kind, and ``build(resolved)`` returning a
+    ``torch.nn.Module`` on the meta device. ``resolve`` must not import torch.
+    """
+
+
+@hookspec
+def peftaudit_register_architecture_rules(register: Callable[[ArchitectureRule], None]) -> None:
+    """Register :class:`~peftaudit.architecture.ArchitectureRule` objects.
+
+    Rules name the role of modules (attention q/k/v/o, MLP gate/up/down,
+    experts, router, embeddings, output head, norms, classifier) by a regular
+    expression over the module path, optionally limited to some ``model_type``
+    values. Rules for a specific model type win over generic rules.
+    """
+
+
+@hookspec
+def peftaudit_register_renderers(register: Callable[[Renderer], None]) -> None:
+    """Register output formats for ``--format``: objects with a ``name`` and
+    ``render(report, options) -> str``. Renderers read a finished report and
+    never compute."""

@@ -1,0 +1,13 @@
+"""Test-wide settings: no network, no user cache, no stray plugins."""
+
+from __future__ import annotations
+
+import os
+
+# No test touches the network: the hub client answers from its cache or fails fast.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Third-party plugins installed in the developer's environment must not change results.
+os.environ["PEFTAUDIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+os.environ.setdefault("NO_COLOR", "1")
