@@ -60,8 +60,13 @@ def build_from_config(
         cls = _model_class(cfg, model_type)
         dtype = _dtype(config)
         try:
-            with torch.device("meta"):
+            # Initialisers do nothing useful on meta tensors and cost most of the build time.
+            with torch.device("meta"), _no_init_weights():
                 model: torch.nn.Module = cls._from_config(cfg, dtype=dtype)
+            # Skipping initialisation also skips tying; tie as from_pretrained would.
+            tie = getattr(model, "tie_weights", None)
+            if callable(tie):
+                tie()
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
             raise ConfigError(f"{model_id}: transformers cannot build this config: {exc}") from exc
     return model
@@ -110,6 +115,14 @@ def _build_remote(model_id: str, local_dir: str | None) -> torch.nn.Module:
     except (OSError, ValueError, ImportError, AttributeError, TypeError) as exc:
         raise ConfigError(f"{model_id}: the repository's code could not build the model: {exc}") from exc
     return model
+
+
+def _no_init_weights() -> contextlib.AbstractContextManager[object]:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialise (slower, same counts)
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 @contextlib.contextmanager
