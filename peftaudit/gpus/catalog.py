@@ -1,0 +1,213 @@
+"""The GPU catalog: bundled facts with their sources, plus the user's own file and plugins.
+
+Vendor memory (the GB on the box) and usable memory (what the driver reports
+as total, which is what training can use) are kept apart, and so are dense
+and sparse throughput: only dense figures are stored. No price is bundled as
+fact; prices come from the user's GPU file or ``--price``.
+
+The user's file is TOML, at ``$PEFTAUDIT_GPUS_FILE`` or
+``~/.config/peftaudit/gpus.toml``::
+
+    [gpu."H100 SXM"]
+    price_per_hour = 2.49          # your price, in your currency
+
+    [gpu."My Cluster Card"]        # a GPU we do not ship
+    memory_gb = 48
+    usable_gib = 46.5
+    bandwidth_gbs = 900
+    tflops = { bf16 = 300, fp8 = 600 }
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from peftaudit.errors import PeftauditError
+
+GIB = 1024**3
+DTYPES = ("bf16", "fp16", "fp8", "fp32")
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One accelerator model with the figures sizing needs, each with its source."""
+
+    name: str
+    vendor: str
+    memory_gb: float
+    """The vendor's memory figure as printed (marketing GB)."""
+    usable_bytes: int
+    """Total memory as the driver reports it: the ceiling for one process."""
+    usable_source: str
+    bandwidth_gbs: float
+    tflops: Mapping[str, float | None]
+    """Dense tensor throughput per dtype (``bf16``, ``fp16``, ``fp8``, ``fp32``); ``None`` when unsupported or unknown."""
+    tflops_source: str
+    aliases: tuple[str, ...] = ()
+    memory_type: str = ""
+    interconnect: str = ""
+    usable_estimated: bool = False
+    price_per_hour: float | None = None
+    price_source: str | None = None
+    origin: str = "bundled"
+    """``bundled``, a user file's path, or a plugin's name."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def usable_gib(self) -> float:
+        return self.usable_bytes / GIB
+
+    def dense_tflops(self, dtype: str) -> float | None:
+        """Dense throughput for ``dtype`` (``bf16``, ``fp16``, ``fp8``, ``fp32``), if known."""
+        value = self.tflops.get(dtype)
+        return float(value) if value else None
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+def _from_mapping(data: Mapping[str, Any], *, origin: str, name: str | None = None) -> GPU:
+    name = str(name or data["name"])
+    try:
+        usable = data.get("usable_gib")
+        memory_gb = float(data["memory_gb"])
+        usable_bytes = int(round(float(usable) * GIB)) if usable is not None else int(memory_gb * 0.99 * GIB)
+        tflops = {k: (float(v) if v is not None else None) for k, v in dict(data.get("tflops", {})).items()}
+        gpu = GPU(
+            name=name,
+            vendor=str(data.get("vendor", "")),
+            memory_gb=memory_gb,
+            usable_bytes=usable_bytes,
+            usable_source=str(data.get("usable_source", origin)),
+            usable_estimated=bool(data.get("usable_estimated", usable is None)),
+            bandwidth_gbs=float(data.get("bandwidth_gbs", 0.0)),
+            tflops=tflops,
+            tflops_source=str(data.get("tflops_source", origin)),
+            aliases=tuple(str(a) for a in data.get("aliases", ())),
+            memory_type=str(data.get("memory_type", "")),
+            interconnect=str(data.get("interconnect", "")),
+            price_per_hour=float(data["price_per_hour"]) if data.get("price_per_hour") is not None else None,
+            price_source=origin if data.get("price_per_hour") is not None else None,
+            origin=origin,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PeftauditError(f"GPU '{name}' in {origin}: {exc.__class__.__name__}: {exc}") from exc
+    if gpu.usable_bytes <= 0 or gpu.memory_gb <= 0:
+        raise PeftauditError(f"GPU '{name}' in {origin}: memory must be positive")
+    return gpu
+
+
+def bundled_gpus() -> tuple[GPU, ...]:
+    """The GPUs shipped with peftaudit (no prices)."""
+    text = resources.files("peftaudit.gpus").joinpath("gpus.json").read_text(encoding="utf-8")
+    return tuple(_from_mapping(row, origin="bundled") for row in json.loads(text)["gpus"])
+
+
+def user_file() -> Path:
+    """Where the user's GPU file is read from."""
+    explicit = os.environ.get("PEFTAUDIT_GPUS_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "peftaudit" / "gpus.toml"
+
+
+def apply_user_file(catalog: Mapping[str, GPU], path: Path) -> dict[str, GPU]:
+    """Overlay the user's TOML file: prices and overrides for known GPUs, whole entries for new ones."""
+    result = dict(catalog)
+    if not path.is_file():
+        return result
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PeftauditError(f"GPU file {path}: {exc}") from exc
+    table = data.get("gpu", {})
+    if not isinstance(table, dict):
+        raise PeftauditError(f"GPU file {path}: [gpu] must be a table of GPUs")
+    for name, values in table.items():
+        if not isinstance(values, dict):
+            raise PeftauditError(f"GPU file {path}: gpu.{name} must be a table")
+        known = _lookup(result, name)
+        if known is None:
+            gpu = _from_mapping(values, origin=str(path), name=name)
+        else:
+            merged = {**_as_mapping(known), **values}
+            gpu = _from_mapping(
+                merged, origin=str(path) if set(values) - {"price_per_hour"} else known.origin, name=known.name
+            )
+            if "price_per_hour" in values:
+                gpu = replace(gpu, price_source=str(path))
+        result[_key(gpu.name)] = gpu
+    return result
+
+
+def _as_mapping(gpu: GPU) -> dict[str, Any]:
+    return {
+        "name": gpu.name,
+        "vendor": gpu.vendor,
+        "memory_gb": gpu.memory_gb,
+        "usable_gib": gpu.usable_gib,
+        "usable_source": gpu.usable_source,
+        "usable_estimated": gpu.usable_estimated,
+        "bandwidth_gbs": gpu.bandwidth_gbs,
+        "tflops": dict(gpu.tflops),
+        "tflops_source": gpu.tflops_source,
+        "aliases": list(gpu.aliases),
+        "memory_type": gpu.memory_type,
+        "interconnect": gpu.interconnect,
+        "price_per_hour": gpu.price_per_hour,
+    }
+
+
+def _lookup(catalog: Mapping[str, GPU], name: str) -> GPU | None:
+    key = _key(name)
+    if key in catalog:
+        return catalog[key]
+    for gpu in catalog.values():
+        if key in {_key(a) for a in gpu.aliases}:
+            return gpu
+    return None
+
+
+def _collect_plugin_gpus() -> list[GPU]:
+    from peftaudit import plugins
+
+    collect: Callable[[], list[GPU]] | None = getattr(plugins, "gpus_from_plugins", None)
+    return collect() if collect is not None else []
+
+
+@functools.cache
+def _catalog() -> dict[str, GPU]:
+    catalog = {_key(g.name): g for g in bundled_gpus()}
+    for gpu in _collect_plugin_gpus():
+        catalog[_key(gpu.name)] = gpu
+    return apply_user_file(catalog, user_file())
+
+
+def gpus() -> tuple[GPU, ...]:
+    """Every known GPU: bundled, then plugins', then the user's file (later ones override)."""
+    return tuple(_catalog().values())
+
+
+def find_gpu(name: str) -> GPU:
+    """The GPU ``name`` names (case, spaces and dashes ignored; aliases such as ``H100``)."""
+    gpu = _lookup(_catalog(), name)
+    if gpu is None:
+        known = ", ".join(sorted(g.name for g in gpus()))
+        raise PeftauditError(f"unknown GPU '{name}'; known: {known} (add your own in {user_file()})")
+    return gpu
+
+
+def reset() -> None:
+    """Forget the loaded catalog (after changing the user file or plugins)."""
+    _catalog.cache_clear()
