@@ -50,7 +50,7 @@ class GPU:
     usable_source: str
     bandwidth_gbs: float
     tflops: Mapping[str, float | None]
-    """Dense tensor throughput per dtype (``bf16``, ``fp16``, ``fp8``, ``fp32``); ``None`` when unsupported or unknown."""
+    """Dense tensor throughput per dtype (``bf16``, ``fp16``, ``fp8``, ``fp32``); ``None`` if unsupported/unknown."""
     tflops_source: str
     aliases: tuple[str, ...] = ()
     memory_type: str = ""
@@ -81,7 +81,7 @@ def _from_mapping(data: Mapping[str, Any], *, origin: str, name: str | None = No
     try:
         usable = data.get("usable_gib")
         memory_gb = float(data["memory_gb"])
-        usable_bytes = int(round(float(usable) * GIB)) if usable is not None else int(memory_gb * 0.99 * GIB)
+        usable_bytes = round(float(usable) * GIB) if usable is not None else int(memory_gb * 0.99 * GIB)
         tflops = {k: (float(v) if v is not None else None) for k, v in dict(data.get("tflops", {})).items()}
         gpu = GPU(
             name=name,
