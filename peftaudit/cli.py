@@ -21,7 +21,7 @@ from peftaudit._version import __version__
 from peftaudit.errors import PeftauditError
 
 #: Subcommand modules under ``peftaudit.commands``, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("report", "catalog", "plugins")
+COMMANDS: tuple[str, ...] = ("report", "catalog", "plugins", "snapshot", "verify")
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1

@@ -1,0 +1,130 @@
+"""``peftaudit verify BEFORE [AFTER]``: prove that only the intended tensors changed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from peftaudit.commands._output import _positive_int, add_output_arguments
+
+#: Below this many bytes the progress bar would only flicker.
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "verify",
+        help="prove that only the intended tensors changed between two checkpoints or snapshots",
+        description=(
+            "Compare BEFORE and AFTER tensor by tensor (bitwise, via xxh3 fingerprints) and report "
+            "unexpected changes with their size and likely cause, intended tensors that did not "
+            "change, and added, removed, reshaped, retyped or non-finite tensors. With --adapter and "
+            "AFTER: AFTER is BEFORE with the adapter merged in; only its targets may change, each by "
+            "a delta of rank <= r. With --adapter alone: audit the saved adapter against BEFORE. "
+            "Exit 0 when it passes, 1 when it fails, 2 on bad input."
+        ),
+    )
+    parser.add_argument("before", metavar="BEFORE", help="checkpoint (directory, .safetensors, index) or snapshot JSON")
+    parser.add_argument("after", metavar="AFTER", nargs="?", help="checkpoint or snapshot JSON to compare with BEFORE")
+    rules = parser.add_argument_group("expectations")
+    rules.add_argument("--adapter", metavar="DIR", help="a saved peft adapter (adapter_model.safetensors + config)")
+    rules.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="tensors that must change: a glob over dotted name parts (lora_*) or re:REGEX; repeatable",
+    )
+    rules.add_argument(
+        "--allow", action="append", default=[], metavar="PATTERN", help="tensors that may change; repeatable"
+    )
+    rules.add_argument(
+        "--tolerate",
+        action="append",
+        default=[],
+        metavar="CAUSE",
+        help="report findings with this cause as warnings, not failures (e.g. merge-rounding); repeatable",
+    )
+    reading = parser.add_argument_group("reading")
+    reading.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .bin/.pt weights with torch.load(weights_only=True) (refused by default)",
+    )
+    reading.add_argument(
+        "--rank-budget",
+        type=_positive_int,
+        default=1 << 22,
+        metavar="ELEMENTS",
+        help="elements read per matrix for the merged low-rank check (default 4194304)",
+    )
+    reading.add_argument("--workers", type=_positive_int, metavar="N", help="hashing threads (default: cores, max 8)")
+    reading.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--verbose", "-v", action="store_true", help="list every finding")
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _weight_bytes(path: str, allow_pickle: bool) -> int:
+    from peftaudit.verify.checkpoint import locate
+    from peftaudit.verify.errors import CheckpointError
+    from peftaudit.verify.snapshots import is_snapshot_file
+
+    if is_snapshot_file(path):
+        return 0
+    try:
+        return sum(os.path.getsize(f) for f in locate(path, allow_pickle=allow_pickle).files)
+    except (CheckpointError, OSError):
+        return 0  # the real read reports the problem
+
+
+@contextmanager
+def progress_for(paths: Sequence[str | None], args: argparse.Namespace) -> Iterator[Any]:
+    """A progress bar on stderr for large checkpoints on a terminal, else nothing."""
+    from peftaudit.verify.render import progress_bar
+
+    enabled = not args.no_progress and sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+    total = sum(_weight_bytes(p, args.allow_pickle) for p in paths if p) if enabled else 0
+    with progress_bar(total, enabled=enabled and total >= PROGRESS_MIN_BYTES) as progress:
+        yield progress
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftaudit.commands._output import emit, use_color, width
+    from peftaudit.errors import PeftauditError
+    from peftaudit.verify import verify
+    from peftaudit.verify.render import render_text, to_json
+
+    fmt = args.format or "table"
+    if fmt not in ("table", "json"):
+        raise PeftauditError(f"unknown --format '{fmt}'; choose from json, table")
+    if args.after is None and args.adapter is None:
+        raise PeftauditError("give AFTER (a checkpoint or snapshot), --adapter, or both")
+    with progress_for([args.before, args.after, args.adapter], args) as progress:
+        verdict = verify(
+            args.before,
+            args.after,
+            adapter=args.adapter,
+            expect=args.expect,
+            allow=args.allow,
+            tolerate=args.tolerate,
+            rank_budget=args.rank_budget,
+            allow_pickle=args.allow_pickle,
+            workers=args.workers,
+            progress=progress,
+        )
+    if fmt == "json":
+        emit(to_json(verdict) + "\n", args)
+    elif args.output:
+        import io
+
+        buffer = io.StringIO()
+        render_text(verdict, file=buffer, verbose=args.verbose, color=False, width=width(args))
+        emit(buffer.getvalue(), args)
+    else:
+        render_text(verdict, verbose=args.verbose, color=use_color(args), width=width(args))
+    return 0 if verdict.ok else 1

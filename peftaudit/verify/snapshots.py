@@ -1,0 +1,170 @@
+"""The ``Snapshot``: fingerprints of every tensor of a model or checkpoint, and its JSON form."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftaudit._version import __version__
+from peftaudit.verify.errors import SnapshotError
+from peftaudit.verify.expectations import Expectations
+from peftaudit.verify.fingerprint import HASH_NAME, SamplePolicy, TensorFingerprint
+from peftaudit.verify.values import ValueSource
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.verify.verdict import Verdict
+
+FORMAT = "peftaudit-snapshot"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Per-tensor fingerprints of a model or checkpoint at one moment.
+
+    Small: a digest and a bounded sample per tensor, never a copy of the
+    weights. Serialise it with :meth:`save` to compare later, in another
+    process or on another machine. ``tied`` lists names that shared one
+    parameter; ``expectations`` records what a PeftModel intended to train.
+    """
+
+    tensors: tuple[TensorFingerprint, ...]
+    source: str
+    kind: str
+    policy: SamplePolicy = field(default_factory=SamplePolicy)
+    tied: tuple[tuple[str, ...], ...] = ()
+    expectations: Expectations | None = None
+    adapter_config: Mapping[str, Any] | None = None
+    #: Where the tensors' values can still be read (a checkpoint on disk); never serialised.
+    values: ValueSource | None = field(default=None, compare=False, repr=False)
+
+    @cached_property
+    def by_name(self) -> dict[str, TensorFingerprint]:
+        return {t.name: t for t in self.tensors}
+
+    def __getitem__(self, name: str) -> TensorFingerprint:
+        return self.by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.by_name
+
+    def __iter__(self) -> Iterator[TensorFingerprint]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data fingerprinted (each shared tensor counted once per name)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def only_intended_changed(self, after: Any, **options: Any) -> Verdict:
+        """Shorthand for ``verify(self, after, **options)``; the verdict is truthy when it passes."""
+        from peftaudit.verify.api import verify
+
+        return verify(self, after, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "hash": HASH_NAME,
+            "peftaudit": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source": self.source,
+            "kind": self.kind,
+            "policy": {"whole_below": self.policy.whole_below, "points": self.policy.points},
+            "tied": [list(group) for group in self.tied],
+            "expectations": None if self.expectations is None else self.expectations.to_dict(),
+            "adapter_config": None if self.adapter_config is None else dict(self.adapter_config),
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "snapshot") -> Snapshot:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise SnapshotError(f'{where}: not a peftaudit snapshot (no "format": "{FORMAT}")')
+        if data.get("version") != VERSION or data.get("hash") != HASH_NAME:
+            raise SnapshotError(
+                f"{where}: snapshot version {data.get('version')} / {data.get('hash')} is not "
+                f"version {VERSION} / {HASH_NAME}; take it again with this peftaudit"
+            )
+        try:
+            policy = data.get("policy") or {}
+            expectations = data.get("expectations")
+            return cls(
+                tensors=tuple(TensorFingerprint.from_dict(t) for t in data["tensors"]),
+                source=str(data.get("source", "")),
+                kind=str(data.get("kind", "")),
+                policy=SamplePolicy(int(policy.get("whole_below", 0)), int(policy.get("points", 0))),
+                tied=tuple(tuple(str(n) for n in group) for group in data.get("tied", ())),
+                expectations=None if expectations is None else Expectations.from_dict(expectations),
+                adapter_config=data.get("adapter_config"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"{where}: malformed snapshot: {exc!r}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the JSON form atomically: readers see the old file or the whole new one."""
+        target = Path(path)
+        text = json.dumps(self.to_dict(), separators=(",", ":"))
+        write_atomically(target, text)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Snapshot:
+        """Read a snapshot written by :meth:`save` (or ``peftaudit snapshot -o``)."""
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SnapshotError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise SnapshotError(f"{where}: not a peftaudit snapshot (not UTF-8 text)") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise SnapshotError(f"{where}: not a peftaudit snapshot (invalid JSON: {exc})") from None
+        return cls.from_dict(data, where)
+
+
+def is_snapshot_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like a snapshot file (a ``.json`` that is not a checkpoint index)."""
+    target = Path(path)
+    return target.is_file() and target.suffix == ".json" and not target.name.endswith(".index.json")
+
+
+def write_atomically(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` through a temporary file in the same directory and a rename."""
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise SnapshotError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(temp, target)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise SnapshotError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

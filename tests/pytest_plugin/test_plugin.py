@@ -1,0 +1,216 @@
+"""The pytest plugin from the outside, with pytester: what a training pipeline's CI sees."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import peft  # noqa: F401  (imported before pytester runs: see below)
+import pytest
+import torch  # noqa: F401
+import transformers  # noqa: F401
+
+# In-process pytester runs drop modules first imported during a run; torch cannot be
+# imported twice in one process, so the heavy modules are imported here, up front.
+
+pytestmark = pytest.mark.slow  # each test runs a pytest session that imports torch
+
+CONFTEST = """
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def peft_model():
+    return get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+
+@pytest.fixture
+def train_a_few_steps():
+    def train(model, steps=3):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return train
+"""
+
+# Base: embeddings and head 2 x 64x32, per layer q,o 32x32, k,v 16x32, gate/up/down 3 x 64x32, 2 norms of 32,
+# final norm 32. Adapters r=4 on q (4x32 + 32x4) and v (4x32 + 16x4), 2 layers.
+BASE = 2 * 64 * 32 + 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32 + 2 * 32) + 32
+TRAINABLE = 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
+TOTAL = BASE + TRAINABLE
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(CONFTEST)
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    return pytester
+
+
+def test_passing_suite_with_marker_and_snapshot(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.peftaudit(max_trainable_fraction=0.05)
+        def test_training_plan(peft_model):
+            pass
+
+        def test_only_adapters_change(peft_model, param_snapshot, train_a_few_steps):
+            before = param_snapshot(peft_model)
+            train_a_few_steps(peft_model)
+            assert before.only_intended_changed(peft_model)
+
+        def test_targets(peftaudit):
+            report = peftaudit.audit("meta-llama/Llama-3.2-1B")
+            assert report.params.total == 1_235_814_400
+        """
+    )
+    result = suite.runpytest("--peftaudit-report")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*= peftaudit =*",
+            f"audit   * (PeftModel): {TOTAL:,} parameters, {TRAINABLE:,} trainable (3.7992%)  "
+            "[[]*test_training_plan[]]",
+            "verify  PASS: * tensors compared, 8 changed, 8/8 intended changed*[[]*test_only_adapters_change[]]",
+            "audit   meta-llama/Llama-3.2-1B (LlamaForCausalLM): 1,235,814,400 parameters*[[]*test_targets[]]",
+        ]
+    )
+
+
+def test_failing_suite_explains_itself(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        """
+        import pytest
+        import torch
+
+        @pytest.mark.peftaudit(max_trainable_fraction=0.01)
+        def test_too_many_trainable(peft_model):
+            pass
+
+        def test_frozen_weight_nudged(peft_model, param_snapshot, train_a_few_steps):
+            before = param_snapshot(peft_model)
+            train_a_few_steps(peft_model)
+            with torch.no_grad():
+                peft_model.base_model.model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+            assert before.only_intended_changed(peft_model)
+        """
+    )
+    result = suite.runpytest()
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "peftaudit marker checks failed:",
+            f"  trainable fraction 3.7992% > max_trainable_fraction 1.0000%: {TRAINABLE:,} of {TOTAL:,} "
+            "parameters trainable (3.7992%)",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "E*assert <peftaudit FAIL: *1 failure; first: unexpected-change *layers.0.mlp.down_proj.weight>",
+            "*- peftaudit verification -*",
+            "FAIL: * tensors compared, 9 changed, 8/8 intended changed, 1 failure",
+            "  unexpected-change: *layers.0.mlp.down_proj.weight: *(max |Δ| 1, *)*",
+        ]
+    )
+    assert result.ret == 1
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("max_trainable_fracton=0.1", "unknown argument(s) max_trainable_fracton"),
+        ("max_trainable_fraction=2", "must be a number between 0 and 1, got 2"),
+        ("", "needs at least one check"),
+        ("seq_len=-4, fits='A10G'", "seq_len=...) must be a positive integer, got -4"),
+    ],
+)
+def test_marker_arguments_are_validated(suite: pytest.Pytester, marker: str, message: str) -> None:
+    suite.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.peftaudit({marker})
+        def test_x(peft_model):
+            pass
+        """
+    )
+    result = suite.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*{message}*"])
+    result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_marker_needs_one_model(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.peftaudit(max_trainable=10)
+        def test_x():
+            pass
+        """
+    )
+    result = suite.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*needs exactly one torch.nn.Module fixture or model='fixture_name' (found: none)*"])
+
+
+def test_help_and_markers(suite: pytest.Pytester) -> None:
+    help_text = suite.runpytest("--help")
+    help_text.stdout.fnmatch_lines(["peftaudit: audit and verify fine-tuning in tests:", "*--peftaudit-report*"])
+    help_text.stdout.fnmatch_lines(
+        ["  peftaudit_gpu (string):", "*default GPU for @pytest.mark.peftaudit(fits=...) checks"]
+    )
+    markers = suite.runpytest("--markers")
+    markers.stdout.fnmatch_lines(["@pytest.mark.peftaudit(max_trainable_fraction=..., *): check the model*"])
+    fixtures = suite.runpytest("--fixtures")
+    fixtures.stdout.fnmatch_lines(["param_snapshot -- *", "    Take a snapshot of a model's parameters*"])
+
+
+def test_plugin_can_be_disabled(suite: pytest.Pytester) -> None:
+    suite.makepyfile("def test_x(peftaudit):\n    pass\n")
+    result = suite.runpytest("-p", "no:peftaudit")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'peftaudit' not found*"])
+
+
+def test_xdist_workers_report_to_the_summary(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        @pytest.mark.peftaudit(max_trainable_fraction=0.5)
+        def test_many(peft_model, n):
+            pass
+        """
+    )
+    result = suite.runpytest_subprocess("-n", "2", "--peftaudit-report")
+    result.assert_outcomes(passed=4)
+    lines = [line for line in result.outlines if line.startswith("audit   ")]
+    assert len(lines) == 4
+
+
+def test_importing_the_plugin_imports_no_torch() -> None:
+    code = (
+        "import sys, peftaudit.pytest_plugin; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
+    assert out.stdout.strip() == "[]"
