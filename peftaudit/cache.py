@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,19 +66,15 @@ def load(key: str) -> Report | None:
 
 def store(key: str, report: Report) -> None:
     """Write the report atomically; a cache that cannot be written is skipped silently."""
+    from peftaudit.errors import PeftauditError
+    from peftaudit.files import write_atomic
+
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(report.to_dict(), fh, separators=(",", ":"))
-            os.replace(tmp, folder / f"{key}.json")
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass
+        write_atomic(folder / f"{key}.json", json.dumps(report.to_dict(), separators=(",", ":")))
+    except (OSError, PeftauditError):
+        pass  # a cache that cannot be written is skipped: the report itself is unaffected
 
 
 def _version(dist: str) -> str:

@@ -21,7 +21,17 @@ from peftaudit._version import __version__
 from peftaudit.errors import PeftauditError
 
 #: Subcommand modules under ``peftaudit.commands``, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("report", "catalog", "plugins", "snapshot", "verify")
+COMMANDS: tuple[str, ...] = (
+    "report",
+    "catalog",
+    "recommend",
+    "gpus",
+    "fit",
+    "plan",
+    "snapshot",
+    "verify",
+    "plugins",
+)
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1

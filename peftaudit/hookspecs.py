@@ -25,6 +25,9 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.architecture import ArchitectureRule
+    from peftaudit.memory.methods import Method
+    from peftaudit.recommend.checks import Check
+    from peftaudit.recommend.exports import Exporter
     from peftaudit.render import Renderer
     from peftaudit.sources.base import ModelSource
 
@@ -59,3 +62,37 @@ def peftaudit_register_renderers(register: Callable[[Renderer], None]) -> None:
     """Register output formats for ``--format``: objects with a ``name`` and
     ``render(report, options) -> str``. Renderers read a finished report and
     never compute."""
+
+
+@hookspec
+def peftaudit_register_methods(register: Callable[[Method], None]) -> None:
+    """Register fine-tuning methods for the memory estimator (``--method NAME``).
+
+    A method has a ``name``, a one-line ``description`` and
+    ``adapt(inventory, plan)`` returning a
+    :class:`~peftaudit.memory.methods.Adaptation`: which base parameters train,
+    which adapters are added (with their shapes), and how frozen weights are
+    stored. A plugin's method overrides a built-in method of the same name.
+    """
+
+
+@hookspec
+def peftaudit_register_checks(register: Callable[[Check], None]) -> None:
+    """Register readiness checks (``peftaudit report --checks``, ``peftaudit recommend``).
+
+    A check has a ``name``, a one-line ``description`` and ``run(ctx)`` yielding
+    :class:`~peftaudit.recommend.findings.Finding` objects (stable ``id``,
+    ``severity`` info/warning/error, affected modules, a concrete ``fix``) for a
+    :class:`~peftaudit.recommend.checks.CheckContext`. ``--fail-on`` gates CI on them.
+    """
+
+
+@hookspec
+def peftaudit_register_exporters(register: Callable[[Exporter], None]) -> None:
+    """Register config formats for ``peftaudit recommend --export NAME``.
+
+    An exporter has a ``name``, a ``description`` and ``export(recommendation)``
+    returning a :class:`~peftaudit.recommend.exports.Export`: the file text,
+    the LoRA plan the consumer will actually build from it, and warnings for
+    what the format cannot say. A plugin's exporter replaces a built-in of the same name.
+    """

@@ -19,6 +19,9 @@ from peftaudit.errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.architecture import ArchitectureRules
+    from peftaudit.memory.methods import Method
+    from peftaudit.recommend.checks import Check
+    from peftaudit.recommend.exports import Exporter
     from peftaudit.render import Renderer
     from peftaudit.sources.base import ModelSource
 
@@ -27,6 +30,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftaudit.builtin.sources",
     "peftaudit.builtin.architectures",
     "peftaudit.builtin.renderers",
+    "peftaudit.builtin.methods",
+    "peftaudit.builtin.checks",
+    "peftaudit.builtin.exporters",
 )
 
 ENTRY_POINT_GROUP = "peftaudit"
@@ -115,10 +121,31 @@ def renderers() -> dict[str, Renderer]:
     return {r.name: r for r in reversed(_collect("peftaudit_register_renderers"))}
 
 
+@functools.cache
+def memory_methods() -> dict[str, Method]:
+    """Registered fine-tuning methods by name; a plugin's method overrides a built-in of the same name."""
+    return {m.name: m for m in reversed(_collect("peftaudit_register_methods"))}
+
+
+@functools.cache
+def checks() -> tuple[Check, ...]:
+    """Registered readiness checks: built-ins first, then plugins' in registration order."""
+    return tuple(reversed(_collect("peftaudit_register_checks")))
+
+
+@functools.cache
+def exporters() -> dict[str, Exporter]:
+    """Registered config exporters by name; a plugin's exporter overrides a built-in of the same name."""
+    return {e.name: e for e in reversed(_collect("peftaudit_register_exporters"))}
+
+
 def _clear_collections() -> None:
     sources.cache_clear()
     architecture_rules.cache_clear()
     renderers.cache_clear()
+    memory_methods.cache_clear()
+    checks.cache_clear()
+    exporters.cache_clear()
 
 
 def describe() -> list[tuple[str, list[str]]]:

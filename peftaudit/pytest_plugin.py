@@ -36,7 +36,7 @@ MARKER_ARGUMENTS: dict[str, str] = {
     "max_trainable_fraction": "trainable / total parameters must be at most this (0 < x <= 1)",
     "min_trainable_fraction": "trainable / total parameters must be at least this (0 <= x < 1)",
     "max_trainable": "at most this many trainable parameters",
-    "fits": "the training plan's estimated peak memory must fit this GPU (name from `peftaudit gpus`)",
+    "fits": "the plan's estimated peak memory must fit this GPU (a `peftaudit gpus` name, or True for the default)",
     "method": "training method for `fits`: full, lora, qlora, ... (default: the ini value, else lora)",
     "seq_len": "sequence length for `fits` (default: the ini value, else 2048)",
     "batch_size": "micro-batch size for `fits` (default 1)",
@@ -91,7 +91,7 @@ class MarkerChecks:
     max_trainable_fraction: float | None = None
     min_trainable_fraction: float | None = None
     max_trainable: int | None = None
-    fits: str | None = None
+    fits: str | bool | None = None
     method: str | None = None
     seq_len: int | None = None
     batch_size: int = 1
@@ -117,7 +117,11 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
         value = kw.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a positive integer, got {value!r}")
-    for name in ("fits", "method", "model"):
+    if kw.get("fits") is True:
+        pass  # the default GPU, from --peftaudit-gpu or the ini file
+    elif kw.get("fits") is not None and not (isinstance(kw["fits"], str) and kw["fits"].strip()):
+        raise ValueError(f"@pytest.mark.peftaudit(fits=...) must be a GPU name or True, got {kw['fits']!r}")
+    for name in ("method", "model"):
         value = kw.get(name)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a non-empty string, got {value!r}")
@@ -195,14 +199,24 @@ def _check_model(config: pytest.Config, model: Any, checks: MarkerChecks, item: 
 
 
 def _check_fit(config: pytest.Config, model: Any, checks: MarkerChecks, item: pytest.Item) -> list[str]:
-    from peftaudit.fit import fit_live_model
+    from peftaudit.gpus.live import fit_live_model
 
-    gpu_name = checks.fits or config.getoption("--peftaudit-gpu") or config.getini("peftaudit_gpu")
+    named = checks.fits if isinstance(checks.fits, str) else None
+    gpu_name = named or config.getoption("--peftaudit-gpu") or str(config.getini("peftaudit_gpu"))
+    if not gpu_name:
+        pytest.fail(
+            "@pytest.mark.peftaudit(fits=True) needs --peftaudit-gpu or the peftaudit_gpu ini key", pytrace=False
+        )
     method = checks.method or str(config.getini("peftaudit_method")) or "lora"
     seq_len = checks.seq_len or int(str(config.getini("peftaudit_seq_len")) or 2048)
-    result = fit_live_model(
-        model, gpu=gpu_name, method=method, seq_len=seq_len, batch_size=checks.batch_size, gpus=checks.gpus
-    )
+    from peftaudit.errors import PeftauditError
+
+    try:
+        result = fit_live_model(
+            model, gpu=gpu_name, method=method, seq_len=seq_len, batch_size=checks.batch_size, gpus=checks.gpus
+        )
+    except PeftauditError as exc:
+        pytest.fail(f"@pytest.mark.peftaudit(fits=...): {exc}", pytrace=False)
     _record(item, "fit", result.to_dict())
     if result.fits:
         return []

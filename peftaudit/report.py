@@ -13,7 +13,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from peftaudit._version import __version__
@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from peftaudit.inventory import Inventory, ParameterRecord
+    from peftaudit.memory.result import MemoryEstimate
+    from peftaudit.recommend.findings import Finding
     from peftaudit.sources.base import ResolvedModel, SourceOptions
 
 #: Bumped only for incompatible changes to the JSON; new fields may appear in any version.
@@ -191,12 +193,18 @@ class Report:
     tree: TreeNode | None
     published: PublishedCheck | None = None
     notes: tuple[str, ...] = field(default=())
+    estimates: tuple[MemoryEstimate, ...] = ()
+    """Memory estimates for the training plans asked for (``--method``, ``--compare``), if any."""
+    findings: tuple[Finding, ...] = ()
+    """Readiness findings (``--checks``), if asked for."""
     schema_version: int = SCHEMA_VERSION
     peftaudit_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data; exactly what ``--format json`` prints."""
-        data = asdict(self)
+        data = asdict(replace(self, estimates=(), findings=()))
+        data["estimates"] = [e.to_dict() for e in self.estimates]
+        data["findings"] = [f.to_dict() for f in self.findings]
         ordered = {"schema_version": data.pop("schema_version"), "peftaudit_version": data.pop("peftaudit_version")}
         ordered.update(data)
         for row, obj in zip(ordered["layers"], self.layers, strict=True):
@@ -223,9 +231,27 @@ class Report:
             tree=_tree_from_dict(data["tree"]) if data.get("tree") else None,
             published=PublishedCheck(**data["published"]) if data.get("published") else None,
             notes=tuple(data.get("notes", ())),
+            estimates=_estimates_from(data.get("estimates", ())),
+            findings=_findings_from(data.get("findings", ())),
             schema_version=int(data["schema_version"]),
             peftaudit_version=str(data["peftaudit_version"]),
         )
+
+
+def _estimates_from(rows: Sequence[Mapping[str, Any]]) -> tuple[MemoryEstimate, ...]:
+    if not rows:
+        return ()
+    from peftaudit.memory.result import MemoryEstimate
+
+    return tuple(MemoryEstimate.from_dict(r) for r in rows)
+
+
+def _findings_from(rows: Sequence[Mapping[str, Any]]) -> tuple[Finding, ...]:
+    if not rows:
+        return ()
+    from peftaudit.recommend.findings import Finding
+
+    return tuple(Finding.from_dict(r) for r in rows)
 
 
 def _jsonable(value: Any) -> Any:

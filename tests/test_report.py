@@ -118,3 +118,19 @@ def test_terminal_shows_exact_totals(tmp_path: Path) -> None:
 )
 def test_matches_published(total: int, published: int | str, expected: bool) -> None:
     assert matches_published(total, published) is expected
+
+
+def test_report_with_estimates_and_findings_round_trips_and_matches_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from peftaudit.cli import main
+
+    assert main(["report", "gpt2", "--compare", "full,lora", "--checks", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    assert [e["method"] for e in data["estimates"]] == ["full", "lora"]
+    for e in data["estimates"]:
+        assert sum(e["components"].values()) == e["total_bytes"]
+    ids = {f["id"] for f in data["findings"]}
+    assert {"lora.fan-in-fan-out", "targets.ambiguous-name", "tokens.no-pad"} <= ids  # GPT-2: Conv1D, c_proj, no pad
+    assert Report.from_dict(data).to_dict() == data

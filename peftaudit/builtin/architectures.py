@@ -28,6 +28,8 @@ GENERIC: tuple[Rule, ...] = (
     Rule(r"(^|\.)(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)" + _END, R.ATTENTION_OTHER),
     # MLP.
     Rule(r"(^|\.)shared_experts?\.", R.SHARED_EXPERT),
+    # Qwen2-MoE's scalar gate on the shared expert routes like a router (a Linear to one output).
+    Rule(r"(^|\.)shared_expert_gate" + _END, R.ROUTER),
     Rule(r"(^|\.)(router|block_sparse_moe\.gate|mlp\.gate|moe\.gate)" + _END, R.ROUTER),
     Rule(r"(^|\.)(gate_proj|w1)" + _END, R.MLP_GATE),
     Rule(r"(^|\.)(up_proj|w3)" + _END, R.MLP_UP),
@@ -37,6 +39,8 @@ GENERIC: tuple[Rule, ...] = (
     Rule(r"(^|\.)(fc2|dense_4h_to_h)" + _END, R.MLP_DOWN),
     # Heads.
     Rule(r"(^|\.)(lm_head|embed_out)$|^output$", R.OUTPUT_HEAD),
+    # Masked-LM heads end in a "decoder" Linear tied to the input embedding (BERT, RoBERTa).
+    Rule(r"(^|\.)(lm_head|predictions)\.decoder$", R.OUTPUT_HEAD),
     Rule(r"(^|\.)(classifier|score|qa_outputs)(\.out_proj|\.dense)?" + _END, R.CLASSIFIER),
     Rule(r"(^|\.)pooler(\.dense)?" + _END, R.POOLER),
 )

@@ -6,9 +6,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
-
-from peftaudit.errors import PeftauditError
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,18 +51,9 @@ def emit(text: str, args: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise PeftauditError(f"--output: directory {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peftaudit-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from peftaudit.files import write_atomic
+
+    write_atomic(path, text)
 
 
 def warn(message: str) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from peftaudit.commands._model import add_model_arguments, resolve_model
 from peftaudit.commands._output import add_output_arguments, emit, use_color, warn, width
-
-FAIL_ON_LEVELS = ("info", "warning", "error", "never")
 
 
 def add_parser(sub: Any) -> None:
+    from peftaudit.memory import cli as memory_cli
+    from peftaudit.recommend.cli import add_check_arguments
+
     parser = sub.add_parser(
         "report",
         help="count a model's parameters per layer, trainable and frozen, tied and shared",
@@ -19,30 +21,13 @@ def add_parser(sub: Any) -> None:
             "its parameters: totals, per layer, per kind, tied groups, MoE active parameters."
         ),
     )
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a hub id (meta-llama/Llama-3.1-8B), a bundled catalog name, a directory "
-        "with config.json, or a config.json file",
-    )
-    source = parser.add_argument_group("model source")
-    source.add_argument("--online", action="store_true", help="fetch the hub's current config even for catalog models")
-    source.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit")
-    source.add_argument("--token", metavar="TOKEN", help="hub token (default: HF_TOKEN or the saved login)")
-    source.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow running the model repository's own Python code (off by default)",
-    )
+    add_model_arguments(parser)
+    source = parser.add_argument_group("caching")
     source.add_argument("--no-cache", action="store_true", help="rebuild the report instead of reusing a cached one")
     shown = parser.add_argument_group("what to show")
     shown.add_argument("--tree", action="store_true", help="also show the module tree with counts")
-    shown.add_argument(
-        "--fail-on",
-        choices=FAIL_ON_LEVELS,
-        default="never",
-        help="exit 1 when a finding reaches this severity (for CI; default: never)",
-    )
+    add_check_arguments(parser)
+    memory_cli.add_arguments(parser)
     add_output_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -51,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from peftaudit.plugins import renderers
     from peftaudit.render import RenderOptions
     from peftaudit.report import report_for
-    from peftaudit.sources.base import SourceOptions, resolve
 
     fmt = args.format or "table"
     available = renderers()
@@ -60,16 +44,50 @@ def run(args: argparse.Namespace) -> int:
         from peftaudit.errors import PeftauditError
 
         raise PeftauditError(f"unknown --format '{fmt}'; choose from {', '.join(sorted(available))}")
-    options = SourceOptions(
-        online=args.online,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-        token=args.token,
-    )
-    resolved, source = resolve(args.model, options)
-    for note in resolved.notes:
-        warn(note)
+    resolved, source, options = resolve_model(args)
     report = report_for(resolved, source, options, use_cache=not args.no_cache)
+    report, findings = _with_plans_and_checks(report, resolved, source, options, args)
     text = renderer.render(report, RenderOptions(width=width(args), color=use_color(args), tree=args.tree))
     emit(text, args)
-    return 0
+    from peftaudit.recommend.cli import gate
+
+    code, why = gate(findings, args.fail_on)
+    if why:
+        warn(why)
+    return code
+
+
+def _with_plans_and_checks(
+    report: Any, resolved: Any, source: Any, options: Any, args: argparse.Namespace
+) -> tuple[Any, tuple[Any, ...]]:
+    """Add memory estimates (estimator flags) and readiness findings (``--checks``); also return the
+    findings ``--fail-on`` judges, which are computed even when not shown."""
+    import dataclasses
+
+    from peftaudit.memory import cli as memory_cli
+
+    plans = memory_cli.plans_from_args(args)
+    checks = args.checks or args.fail_on != "never"
+    if not plans and not checks:
+        return report, ()
+    from peftaudit.recommend.cli import load_resolved
+
+    loaded = load_resolved(resolved, source, options)  # one meta build for both
+    estimates: list[Any] = []
+    if plans:
+        from peftaudit.memory import estimate
+
+        estimates = [estimate(loaded.inventory, plan) for plan in plans]
+        if memory_cli.wants_trace(args):
+            from peftaudit.memory import trace
+
+            estimates += [trace(source.build(resolved, options), plan) for plan in plans]
+    findings: tuple[Any, ...] = ()
+    if checks:
+        from peftaudit.recommend.checks import CheckContext, run_checks
+
+        seq_len = plans[0].seq_len if plans else 2048
+        context = CheckContext(inventory=loaded.inventory, facts=loaded.facts, seq_len=seq_len)
+        findings = tuple(run_checks(context, skip=args.skip_check))
+    shown = findings if args.checks else ()
+    return dataclasses.replace(report, estimates=tuple(estimates), findings=shown), findings

@@ -66,6 +66,27 @@ class GPU:
     def usable_gib(self) -> float:
         return self.usable_bytes / GIB
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure with its source; what ``peftaudit gpus --json`` prints and a GPU file may override."""
+        return {
+            "name": self.name,
+            "vendor": self.vendor,
+            "memory_gb": self.memory_gb,
+            "memory_type": self.memory_type,
+            "usable_gib": self.usable_gib,
+            "usable_bytes": self.usable_bytes,
+            "usable_source": self.usable_source,
+            "usable_estimated": self.usable_estimated,
+            "bandwidth_gbs": self.bandwidth_gbs,
+            "tflops": dict(self.tflops),
+            "tflops_source": self.tflops_source,
+            "interconnect": self.interconnect,
+            "aliases": list(self.aliases),
+            "price_per_hour": self.price_per_hour,
+            "price_source": self.price_source,
+            "origin": self.origin,
+        }
+
     def dense_tflops(self, dtype: str) -> float | None:
         """Dense throughput for ``dtype`` (``bf16``, ``fp16``, ``fp8``, ``fp32``), if known."""
         value = self.tflops.get(dtype)
@@ -141,7 +162,7 @@ def apply_user_file(catalog: Mapping[str, GPU], path: Path) -> dict[str, GPU]:
         if known is None:
             gpu = _from_mapping(values, origin=str(path), name=name)
         else:
-            merged = {**_as_mapping(known), **values}
+            merged = {**known.to_dict(), **values}
             gpu = _from_mapping(
                 merged, origin=str(path) if set(values) - {"price_per_hour"} else known.origin, name=known.name
             )
@@ -149,24 +170,6 @@ def apply_user_file(catalog: Mapping[str, GPU], path: Path) -> dict[str, GPU]:
                 gpu = replace(gpu, price_source=str(path))
         result[_key(gpu.name)] = gpu
     return result
-
-
-def _as_mapping(gpu: GPU) -> dict[str, Any]:
-    return {
-        "name": gpu.name,
-        "vendor": gpu.vendor,
-        "memory_gb": gpu.memory_gb,
-        "usable_gib": gpu.usable_gib,
-        "usable_source": gpu.usable_source,
-        "usable_estimated": gpu.usable_estimated,
-        "bandwidth_gbs": gpu.bandwidth_gbs,
-        "tflops": dict(gpu.tflops),
-        "tflops_source": gpu.tflops_source,
-        "aliases": list(gpu.aliases),
-        "memory_type": gpu.memory_type,
-        "interconnect": gpu.interconnect,
-        "price_per_hour": gpu.price_per_hour,
-    }
 
 
 def _lookup(catalog: Mapping[str, GPU], name: str) -> GPU | None:

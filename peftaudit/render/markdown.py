@@ -54,6 +54,14 @@ class MarkdownRenderer:
         lines.append(f"| **Total** | | **{count(p.weights)}** | **{count(p.biases)}** | |")
         if options.tree and report.tree is not None:
             lines += ["", "```", *_tree_lines(report.tree, 0), "```"]
+        if report.estimates:
+            from peftaudit.memory.render import estimates_markdown
+
+            lines += ["", "### Memory estimate", "", estimates_markdown(report.estimates).rstrip()]
+        if report.findings:
+            from peftaudit.recommend.render import render_findings
+
+            lines += ["", render_findings(report.findings, "markdown", model_id=m.id).rstrip()]
         return "\n".join(lines) + "\n"
 
 

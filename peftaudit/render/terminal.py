@@ -41,6 +41,14 @@ class TerminalRenderer:
         _kinds(console, report)
         if options.tree and report.tree is not None:
             console.print(_tree(report.tree))
+        if report.estimates:
+            from peftaudit.memory.render import render_estimates
+
+            render_estimates(report.estimates, console)
+        if report.findings:
+            from peftaudit.recommend.render import render_findings
+
+            console.print(render_findings(report.findings, "table", model_id=report.model.id), markup=False)
         return buffer.getvalue()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -143,28 +142,13 @@ def is_snapshot_file(path: str | os.PathLike[str]) -> bool:
 
 
 def write_atomically(target: Path, text: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file in the same directory and a rename."""
-    directory = target.parent if str(target.parent) else Path(".")
+    """Write ``text`` to ``target`` atomically (see :func:`peftaudit.files.write_atomic`)."""
+    from peftaudit.errors import PeftauditError
+    from peftaudit.files import write_atomic
+
     try:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise SnapshotError(f"{target}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(temp, target)
-    except OSError as exc:
-        Path(temp).unlink(missing_ok=True)
-        raise SnapshotError(f"{target}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        write_atomic(target, text)
+    except SnapshotError:
         raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+    except PeftauditError as exc:
+        raise SnapshotError(str(exc)) from None

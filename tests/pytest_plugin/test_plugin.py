@@ -214,3 +214,44 @@ def test_importing_the_plugin_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_fits_marker_passes_and_fails_with_the_numbers(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        """
+        import pytest
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        @pytest.fixture
+        def llama_7b():
+            # Llama-2-7B's shape on the meta device: sized from its config, no memory used.
+            config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, vocab_size=32000)
+            with torch.device("meta"):
+                return LlamaForCausalLM(config)
+
+        @pytest.mark.peftaudit(fits="H100", method="qlora", seq_len=1024)
+        def test_qlora_fits_h100(llama_7b):
+            pass
+
+        @pytest.mark.peftaudit(fits="T4", method="full", seq_len=2048)
+        def test_full_does_not_fit_t4(llama_7b):
+            pass
+
+        @pytest.mark.peftaudit(fits="H1000")
+        def test_unknown_gpu(llama_7b):
+            pass
+        """
+    )
+    result = suite.runpytest("--peftaudit-report")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "peftaudit marker checks failed:",
+            "  does not fit: * full (r=16) batch 1 x seq 2,048 on 1x T4 does not fit: estimated peak * GiB per GPU, "
+            "14.60 GiB usable (* GiB short)",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*@pytest.mark.peftaudit(fits=...): unknown GPU 'H1000'*"])
+    result.stdout.fnmatch_lines(["fit     * qlora (r=16) batch 1 x seq 1,024 on 1x H100 SXM: fits  *"])

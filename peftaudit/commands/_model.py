@@ -1,0 +1,57 @@
+"""The MODEL argument and its source flags, shared by every command that takes a model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.inventory import Inventory
+    from peftaudit.sources.base import ModelSource, ResolvedModel, SourceOptions
+
+MODEL_HELP = (
+    "a hub id (meta-llama/Llama-3.1-8B), a bundled catalog name, a directory with config.json, or a config.json file"
+)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """MODEL plus ``--online``, ``--revision``, ``--token``, ``--trust-remote-code``."""
+    parser.add_argument("model", metavar="MODEL", nargs=None if required else "?", help=MODEL_HELP)
+    source = parser.add_argument_group("model source")
+    source.add_argument("--online", action="store_true", help="fetch the hub's current config even for catalog models")
+    source.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit")
+    source.add_argument("--token", metavar="TOKEN", help="hub token (default: HF_TOKEN or the saved login)")
+    source.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running the model repository's own Python code (off by default)",
+    )
+
+
+def source_options(args: argparse.Namespace) -> SourceOptions:
+    from peftaudit.sources.base import SourceOptions
+
+    return SourceOptions(
+        online=args.online, revision=args.revision, trust_remote_code=args.trust_remote_code, token=args.token
+    )
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[ResolvedModel, ModelSource, SourceOptions]:
+    """Resolve MODEL; notes about where its config came from go to stderr."""
+    from peftaudit.commands._output import warn
+    from peftaudit.sources.base import resolve
+
+    options = source_options(args)
+    resolved, source = resolve(args.model, options)
+    for note in resolved.notes:
+        warn(note)
+    return resolved, source, options
+
+
+def load_inventory(args: argparse.Namespace) -> tuple[ResolvedModel, Inventory]:
+    """Resolve MODEL, build it on the meta device and walk it."""
+    from peftaudit.inventory import take_inventory
+
+    resolved, source, options = resolve_model(args)
+    module: Any = source.build(resolved, options)
+    return resolved, take_inventory(module)

@@ -1,0 +1,87 @@
+"""``peftaudit fit MODEL --gpu NAME``: the largest micro-batch and the longest sequence that fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from peftaudit.commands._model import add_model_arguments, load_inventory
+from peftaudit.commands._output import add_output_arguments, emit, use_color, width
+
+
+def add_parser(sub: Any) -> None:
+    from peftaudit.memory import cli as memory_cli
+
+    parser = sub.add_parser(
+        "fit",
+        help="the largest batch and the longest sequence that fit a GPU",
+        description=(
+            "Search the memory estimator for the largest micro-batch (at --seq-len) and the longest sequence "
+            "(at --batch-size, in steps of 64 tokens) that fit one GPU, with and without gradient checkpointing."
+        ),
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--gpu", required=True, metavar="NAME", help="the GPU (see `peftaudit gpus`)")
+    memory_cli.add_arguments(parser)
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftaudit.commands.gpus import plans_for
+    from peftaudit.errors import PeftauditError
+    from peftaudit.gpus import find_gpu, render
+    from peftaudit.gpus.sizing import SEQ_STEP, fit, max_batch_size, max_seq_len
+
+    fmt = args.format or "table"
+    if fmt not in ("table", "json"):
+        raise PeftauditError(f"fit supports --format table or json, not '{fmt}'")
+    gpu = find_gpu(args.gpu)
+    resolved, inventory = load_inventory(args)
+    results: list[dict[str, Any]] = []
+    for base in plans_for(args, "lora"):
+        for gc in (False, True):
+            plan = base.with_(gradient_checkpointing=gc)
+            batch = max_batch_size(inventory, plan, gpu)
+            seq = max_seq_len(inventory, plan, gpu)
+            results.append(
+                {
+                    "method": plan.method,
+                    "gradient_checkpointing": gc,
+                    "max_batch_size": batch,
+                    "at_seq_len": plan.seq_len,
+                    "max_seq_len": seq,
+                    "at_batch_size": plan.batch_size,
+                    "seq_step": SEQ_STEP,
+                    "at_max_batch": fit(inventory, plan.with_(batch_size=max(batch, 1)), gpu).to_dict(),
+                    "at_max_seq": fit(inventory, plan.with_(seq_len=max(seq, SEQ_STEP)), gpu).to_dict(),
+                }
+            )
+    if fmt == "json":
+        emit(
+            json.dumps(
+                {"model": resolved.id, "gpu": gpu.name, "usable_bytes": gpu.usable_bytes, "results": results}, indent=2
+            )
+            + "\n",
+            args,
+        )
+        return 0
+    out, buffer = render.console(width(args), use_color(args))
+    out.print(f"{resolved.id} on one {gpu.name} ({gpu.usable_gib:.1f} GiB usable)", markup=False)
+    render.fit_table(
+        [
+            (
+                r["method"],
+                r["gradient_checkpointing"],
+                r["max_batch_size"],
+                r["at_seq_len"],
+                r["max_seq_len"],
+                r["at_batch_size"],
+            )
+            for r in results
+        ],
+        out,
+    )
+    emit(buffer.getvalue(), args)
+    return 0

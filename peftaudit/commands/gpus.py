@@ -1,0 +1,128 @@
+"""``peftaudit gpus [MODEL]``: the GPU catalog, or which GPUs fit a model's training plan and how many."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from peftaudit.commands._model import add_model_arguments, load_inventory
+from peftaudit.commands._output import add_output_arguments, emit, use_color, width
+
+#: Sequence lengths for the chart, cut at the model's context.
+CHART_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+DEFAULT_COMPARE = "full,lora,qlora"
+
+
+def add_parser(sub: Any) -> None:
+    from peftaudit.memory import cli as memory_cli
+
+    parser = sub.add_parser(
+        "gpus",
+        help="which GPUs fit a training plan, how many, with what headroom (no MODEL: list the GPUs)",
+        description=(
+            "Without MODEL, list the GPU catalog. With MODEL, find for each GPU and method the smallest "
+            "setup that fits (one GPU, else 2, 4, 8, ... with DDP, ZeRO-2, ZeRO-3 and offload), and chart "
+            "peak memory against sequence length. Methods default to --compare full,lora,qlora."
+        ),
+    )
+    add_model_arguments(parser, required=False)
+    sizing = parser.add_argument_group("sizing")
+    sizing.add_argument("--gpu", action="append", metavar="NAME", help="only these GPUs (repeatable)")
+    sizing.add_argument("--max-gpus", type=int, default=128, metavar="N", help="largest GPU count to try (128)")
+    sizing.add_argument("--plot", metavar="FILE", help="also write memory against sequence length to FILE (.svg/.png)")
+    memory_cli.add_arguments(parser)
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def selected_gpus(names: list[str] | None) -> list[Any]:
+    from peftaudit.gpus import find_gpu, gpus
+
+    return [find_gpu(n) for n in names] if names else list(gpus())
+
+
+def plans_for(args: argparse.Namespace, default_compare: str) -> list[Any]:
+    """The plans the flags ask for; methods default to ``default_compare``."""
+    from peftaudit.memory import cli as memory_cli
+
+    if getattr(args, "memory_method", None) is None and getattr(args, "memory_compare", None) is None:
+        args.memory_compare = default_compare
+    return memory_cli.plans_from_args(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftaudit.errors import PeftauditError
+    from peftaudit.gpus import render
+
+    fmt = args.format or "table"
+    if fmt not in ("table", "json"):
+        raise PeftauditError(f"gpus supports --format table or json, not '{fmt}'")
+    gpus = selected_gpus(args.gpu)
+    out, buffer = render.console(width(args), use_color(args))
+    if args.model is None:
+        if fmt == "json":
+            emit(json.dumps([g.to_dict() for g in gpus], indent=2) + "\n", args)
+        else:
+            render.catalog_table(gpus, out)
+            emit(buffer.getvalue(), args)
+        return 0
+    if args.max_gpus < 1:
+        raise PeftauditError(f"--max-gpus must be at least 1, got {args.max_gpus}")
+    from peftaudit.gpus.sizing import smallest_setup
+
+    resolved, inventory = load_inventory(args)
+    plans = plans_for(args, DEFAULT_COMPARE)
+    rows = [[smallest_setup(inventory, p, g, max_gpus=args.max_gpus) for p in plans] for g in gpus]
+    context = inventory.dims.max_position_embeddings or CHART_SEQ_LENS[-1]
+    seqs = [s for s in CHART_SEQ_LENS if s <= context] or [CHART_SEQ_LENS[0]]
+    limits = _limits(gpus)
+    curve = _curve(inventory, plans, seqs, max(b for _, b in limits))
+    if args.plot:
+        from peftaudit.gpus.plot import write_plot
+
+        write_plot(args.plot, curve, limits, f"{resolved.id}: peak memory per GPU")
+    if fmt == "json":
+        data = {
+            "model": resolved.id,
+            "plans": [p.to_dict() for p in plans],
+            "gpus": [
+                {"gpu": g.name, "usable_bytes": g.usable_bytes, "fits": [f.to_dict() for f in fits]}
+                for g, fits in zip(gpus, rows, strict=True)
+            ],
+            "by_seq_len": {m: [{"seq_len": s, "peak_bytes": b} for s, b in pts] for m, pts in curve.items()},
+        }
+        emit(json.dumps(data, indent=2) + "\n", args)
+        return 0
+    out.print(f"{resolved.id}: batch {plans[0].batch_size} x seq {plans[0].seq_len:,} per GPU", markup=False)
+    render.sweep_table(rows, [p.method for p in plans], gpus, out)
+    render.seq_chart(curve, limits, out)
+    emit(buffer.getvalue(), args)
+    return 0
+
+
+def _curve(inventory: Any, plans: list[Any], seqs: list[int], ceiling: int) -> dict[str, list[tuple[int, int]]]:
+    """Peak per GPU at each length, stopping after the first length where every method is past ``ceiling``."""
+    from peftaudit.gpus.sizing import peak_bytes
+
+    curve: dict[str, list[tuple[int, int]]] = {p.method: [] for p in plans}
+    for seq in seqs:
+        peaks = {p.method: peak_bytes(inventory, p.with_(seq_len=seq)) for p in plans}
+        for method, b in peaks.items():
+            curve[method].append((seq, b))
+        if all(b > ceiling for b in peaks.values()):
+            break
+    return curve
+
+
+def _limits(gpus: list[Any]) -> list[tuple[str, int]]:
+    """GPU memory lines for the chart: one per distinct usable size, at most five."""
+    by_size: dict[int, str] = {}
+    for g in sorted(gpus, key=lambda g: g.usable_bytes):
+        by_size.setdefault(round(g.usable_bytes / 2**30), g.name)
+    chosen = sorted(by_size.items())
+    if len(chosen) > 5:
+        step = len(chosen) / 5
+        chosen = [chosen[int(i * step)] for i in range(5)]
+    lookup = {g.name: g.usable_bytes for g in gpus}
+    return [(name, lookup[name]) for _, name in chosen]

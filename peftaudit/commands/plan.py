@@ -1,0 +1,86 @@
+"""``peftaudit plan MODEL --tokens N --gpu NAME``: the setup, time and cost of a training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from peftaudit.commands._model import add_model_arguments, load_inventory
+from peftaudit.commands._output import add_output_arguments, emit, use_color, width
+
+
+def add_parser(sub: Any) -> None:
+    from peftaudit.memory import cli as memory_cli
+
+    parser = sub.add_parser(
+        "plan",
+        help="how many GPUs a run needs, how long it takes and what it costs",
+        description=(
+            "Find the smallest setup of --gpu that fits the training plan (or check --gpus N), then estimate "
+            "the run's time from its FLOPs at the stated model-FLOPs utilisation, and its cost at --price."
+        ),
+    )
+    add_model_arguments(parser)
+    run_group = parser.add_argument_group("the run")
+    run_group.add_argument("--gpu", required=True, metavar="NAME", help="the GPU (see `peftaudit gpus`)")
+    run_group.add_argument("--tokens", required=True, metavar="N", help="training tokens, e.g. 500M or 2B")
+    run_group.add_argument("--price", type=float, metavar="PER_HOUR", help="price per GPU-hour (default: GPU file)")
+    run_group.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation (default 0.4)")
+    memory_cli.add_arguments(parser)
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftaudit.commands.gpus import plans_for
+    from peftaudit.errors import PeftauditError
+    from peftaudit.gpus import find_gpu, render
+    from peftaudit.gpus.sizing import fit, run_cost, smallest_setup
+    from peftaudit.units import parse_tokens
+
+    fmt = args.format or "table"
+    if fmt not in ("table", "json"):
+        raise PeftauditError(f"plan supports --format table or json, not '{fmt}'")
+    tokens = parse_tokens(args.tokens)
+    if args.price is not None and args.price < 0:
+        raise PeftauditError(f"--price must not be negative, got {args.price}")
+    gpu = find_gpu(args.gpu)
+    resolved, inventory = load_inventory(args)
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for plan in plans_for(args, "lora"):
+        chosen = fit(inventory, plan, gpu) if plan.gpus > 1 else smallest_setup(inventory, plan, gpu)
+        if not chosen.fits:
+            raise PeftauditError(
+                f"{plan.method} on {gpu.name}: no setup up to {chosen.gpus} GPUs fits "
+                f"({chosen.peak_bytes / 2**30:.1f} GiB per GPU needed)"
+            )
+        sized = plan.with_(gpus=chosen.gpus, sharding=chosen.sharding, offload=chosen.offload)
+        cost = run_cost(inventory, sized, gpu, tokens=tokens, mfu=args.mfu, price_per_gpu_hour=args.price)
+        tokens_per_step = sized.batch_size * sized.seq_len * sized.gpus * sized.gradient_accumulation
+        steps = math.ceil(tokens / tokens_per_step)
+        step_seconds = cost.seconds / steps
+        rows.append(
+            {
+                "method": plan.method,
+                "setup": chosen.to_dict(),
+                "run": cost.to_dict(),
+                "steps": steps,
+                "tokens_per_step": tokens_per_step,
+                "seconds_per_step": step_seconds,
+            }
+        )
+        lines += [f"{plan.method}:", *(f"  {line}" for line in render.cost_lines(chosen, cost, steps, step_seconds))]
+    if fmt == "json":
+        emit(
+            json.dumps({"model": resolved.id, "gpu": gpu.name, "tokens": tokens, "plans": rows}, indent=2) + "\n", args
+        )
+        return 0
+    out, buffer = render.console(width(args), use_color(args))
+    out.print(f"{resolved.id}: {tokens:,} tokens on {gpu.name}", markup=False)
+    for line in lines:
+        out.print(line, markup=False)
+    emit(buffer.getvalue(), args)
+    return 0

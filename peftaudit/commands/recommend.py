@@ -1,0 +1,167 @@
+"""``peftaudit recommend MODEL``: which LoRA to run, why, what it costs, what will break, and the config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from peftaudit.commands._output import add_output_arguments, emit, warn
+from peftaudit.recommend.findings import FAIL_ON_LEVELS
+from peftaudit.recommend.rank import TASKS
+from peftaudit.recommend.targets import PRESETS
+
+#: The built-in export formats (plugins may add more; ``--export`` accepts any registered one).
+EXPORTS = ("peft", "peft-json", "axolotl", "llama-factory", "trl")
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "recommend",
+        help="recommend LoRA targets, rank, alpha and dropout with reasons, check readiness, export configs",
+        description=(
+            "Recommend a LoRA configuration for MODEL from the task, the training tokens and the memory "
+            "budget, with the reasoning and its sources, the cost of the alternatives, readiness findings, "
+            "and the config in peft, axolotl, LLaMA-Factory or TRL form. Built on the meta device: no weights."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="a hub id, a bundled catalog name, or a local config path")
+    plan = parser.add_argument_group("the run")
+    plan.add_argument("--task", choices=TASKS, default="instruct", help="what the training does (default: instruct)")
+    plan.add_argument(
+        "--tokens", metavar="N", help="training tokens the loss sees, e.g. 20M (completion tokens for SFT)"
+    )
+    plan.add_argument("--gpu", metavar="NAME", help="fit the run into one GPU of this kind (A10G, H100, ...)")
+    plan.add_argument("--budget", metavar="SIZE", help="fit the run into this much GPU memory, e.g. 48GiB")
+    plan.add_argument("--batch-size", type=int, default=1, metavar="N", help="micro-batch per GPU (default 1)")
+    plan.add_argument("--seq-len", type=int, default=2048, metavar="N", help="tokens per sequence (default 2048)")
+    plan.add_argument("--add-tokens", type=int, default=0, metavar="N", help="tokens you add to the tokenizer")
+    lora = parser.add_argument_group("LoRA (fix any of these yourself; the rest is recommended)")
+    lora.add_argument("--preset", choices=PRESETS, help="targets by preset (default: all-linear, +experts for MoE)")
+    lora.add_argument(
+        "--target-modules",
+        metavar="NAMES",
+        help="your own targets, checked instead of a preset: comma-separated names, all-linear, or a regex",
+    )
+    lora.add_argument(
+        "--target-parameters", metavar="NAMES", help="comma-separated target_parameters (with --target-modules)"
+    )
+    lora.add_argument(
+        "--modules-to-save", metavar="NAMES", help="comma-separated modules_to_save (with --target-modules)"
+    )
+    lora.add_argument("--rank", "-r", type=int, metavar="R")
+    lora.add_argument("--alpha", type=int, metavar="A")
+    lora.add_argument("--dropout", type=float, metavar="P")
+    lora.add_argument("--rslora", dest="rslora", action="store_true", default=None, help="force rsLoRA scaling")
+    lora.add_argument("--no-rslora", dest="rslora", action="store_false", help="force alpha/r scaling")
+    lora.add_argument(
+        "--method", choices=("lora", "qlora"), help="LoRA or QLoRA (default: LoRA unless the budget needs QLoRA)"
+    )
+    out = parser.add_argument_group("checks and export")
+    out.add_argument(
+        "--export",
+        metavar="FORMAT",
+        help=f"print the config instead of the report: {', '.join(EXPORTS)} (or a plugin's format)",
+    )
+    out.add_argument(
+        "--skip-check", action="append", default=[], metavar="ID", help="drop findings with this id prefix"
+    )
+    out.add_argument(
+        "--fail-on",
+        choices=FAIL_ON_LEVELS,
+        default="never",
+        help="exit 1 when a readiness finding reaches this severity (default: never)",
+    )
+    source = parser.add_argument_group("model source")
+    source.add_argument("--online", action="store_true", help="fetch the hub's current config even for catalog models")
+    source.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit")
+    source.add_argument("--token", metavar="TOKEN", help="hub token (default: HF_TOKEN or the saved login)")
+    source.add_argument("--trust-remote-code", action="store_true", help="allow running the model repository's code")
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftaudit.errors import PeftauditError
+    from peftaudit.recommend.cli import gate, load_model, parse_size, parse_tokens
+    from peftaudit.recommend.exports import export
+    from peftaudit.recommend.recommendation import RecommendRequest, recommend
+    from peftaudit.recommend.render import FORMATS, render_recommendation
+    from peftaudit.recommend.targets import TargetSpec
+    from peftaudit.sources.base import SourceOptions
+
+    fmt = args.format or "table"
+    if fmt not in FORMATS:
+        raise PeftauditError(f"unknown --format '{fmt}' for recommend; choose from {', '.join(FORMATS)}")
+    if args.target_modules and args.preset:
+        raise PeftauditError("give --preset or --target-modules, not both")
+    if (args.target_parameters or args.modules_to_save) and not args.target_modules:
+        raise PeftauditError("--target-parameters and --modules-to-save go with --target-modules")
+    for name in ("batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise PeftauditError(f"--{name.replace('_', '-')} must be a positive integer")
+
+    budget = parse_size(args.budget) if args.budget else None
+    gpu_name = None
+    if args.gpu:
+        from peftaudit.gpus import find_gpu
+
+        gpu = find_gpu(args.gpu)
+        gpu_name = gpu.name
+        if budget is None:
+            budget = gpu.usable_bytes
+        else:
+            warn(f"--budget {args.budget} overrides the {gpu.name}'s memory")
+    targets = None
+    if args.target_modules:
+        targets = TargetSpec.from_user(
+            args.target_modules,
+            parameters=_names(args.target_parameters),
+            modules_to_save=_names(args.modules_to_save),
+        )
+    request = RecommendRequest(
+        task=args.task,
+        tokens=parse_tokens(args.tokens) if args.tokens else None,
+        preset=args.preset,
+        targets=targets,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        use_rslora=args.rslora,
+        method=args.method,
+        budget_bytes=budget,
+        gpu=gpu_name,
+        added_tokens=args.add_tokens,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        skip_checks=tuple(args.skip_check),
+    )
+    options = SourceOptions(
+        online=args.online, revision=args.revision, trust_remote_code=args.trust_remote_code, token=args.token
+    )
+    loaded = load_model(args.model, options)
+    for note in loaded.resolved.notes:
+        warn(note)
+    rec = recommend(loaded.inventory, loaded.facts, request)
+
+    if args.export:
+        written = export(rec.recipe, args.export)
+        for message in written.warnings:
+            warn(message)
+        for step in rec.reasons:
+            if step.rule.startswith("budget."):
+                warn(step.text)
+        for finding in rec.findings:
+            if finding.severity != "info":
+                warn(f"{finding.severity} {finding.id}: {finding.title}")
+        emit(written.text, args)
+    else:
+        emit(render_recommendation(rec, fmt), args)
+    code, why = gate(rec.findings, args.fail_on)
+    if why:
+        sys.stderr.write(f"peftaudit: {why}\n")
+    return code
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())

@@ -1,0 +1,147 @@
+"""Showing sizing answers: tables, a terminal chart, Markdown. Nothing here computes."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from peftaudit.render.numbers import gib
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from peftaudit.gpus.catalog import GPU
+    from peftaudit.gpus.sizing import Fit, RunCost
+
+GIB = 1024**3
+
+
+def console(width: int, color: bool) -> tuple[Console, io.StringIO]:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    return (
+        Console(file=buffer, width=width, force_terminal=color, no_color=not color, highlight=False, emoji=False),
+        buffer,
+    )
+
+
+def catalog_table(gpus: Sequence[GPU], out: Console) -> None:
+    """The GPU catalog: vendor memory apart from usable memory, dense throughput, price if set."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title="GPUs (usable = what the driver reports; TFLOPS dense)", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for name, justify in (
+        ("GPU", "left"),
+        ("Vendor GB", "right"),
+        ("Usable GiB", "right"),
+        ("GB/s", "right"),
+        ("BF16", "right"),
+        ("FP8", "right"),
+        ("$/h", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for g in gpus:
+        usable = f"{g.usable_gib:.1f}" + ("*" if g.usable_estimated else "")
+        bf16, fp8 = g.dense_tflops("bf16"), g.dense_tflops("fp8")
+        table.add_row(
+            g.name,
+            f"{g.memory_gb:g}",
+            usable,
+            f"{g.bandwidth_gbs:,.0f}",
+            f"{bf16:g}" if bf16 else "-",
+            f"{fp8:g}" if fp8 else "-",
+            f"{g.price_per_hour:g}" if g.price_per_hour is not None else "",
+        )
+    out.print(table)
+    if any(g.usable_estimated for g in gpus):
+        out.print("* estimated: no observed total published (see docs/gpus.md)")
+
+
+def _cell(f: Fit) -> str:
+    if not f.fits:
+        return f"no: {gib(f.peak_bytes)} per GPU even at {f.setup()}"
+    return f"{f.setup()} ({gib(f.headroom_bytes)} free)"
+
+
+def sweep_table(rows: Sequence[Sequence[Fit]], methods: Sequence[str], gpus: Sequence[GPU], out: Console) -> None:
+    """One row per GPU, one column per method: the smallest setup that fits, with headroom."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title="Smallest setup that fits (per-GPU headroom at the peak)", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    table.add_column("GPU")
+    table.add_column("Usable", justify="right")
+    for m in methods:
+        table.add_column(m, overflow="fold")
+    for gpu, fits in zip(gpus, rows, strict=True):
+        table.add_row(gpu.name, gib(gpu.usable_bytes), *(_cell(f) for f in fits))
+    out.print(table)
+
+
+def seq_chart(
+    curve: dict[str, list[tuple[int, int]]], limits: Sequence[tuple[str, int]], out: Console, width: int = 40
+) -> None:
+    """A terminal chart of peak memory against sequence length, one bar per method and length.
+
+    ``|`` marks each GPU's usable memory on the scale; a bar past a mark does not fit that GPU.
+    """
+    peak = max([b for points in curve.values() for _, b in points] + [b for _, b in limits] + [1])
+    scale = width / peak
+    marks = sorted({min(width - 1, int(b * scale)): name for name, b in limits}.items())
+    out.print(f"Peak memory per GPU by sequence length (bar width {width} = {gib(peak)})")
+    legend = "  ".join(f"{name}={gib(b)}" for name, b in limits)
+    if legend:
+        out.print(f"GPU limits (|): {legend}")
+    label = max((len(m) for m in curve), default=4)
+    for method, points in curve.items():
+        for seq, b in points:
+            cells = ["#" if i < int(b * scale) else " " for i in range(width)]
+            for pos, _ in marks:
+                cells[pos] = "|" if cells[pos] == " " else "+"
+            out.print(f"{method:<{label}} {seq:>7,} {''.join(cells)} {gib(b)}", markup=False)
+
+
+def fit_table(results: Sequence[tuple[str, bool, int, int, int, int]], out: Console) -> None:
+    """Rows: method, checkpointing, max batch, max seq, and the sizes they were searched at."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title="Largest that fits (searched with the estimator; one step more does not fit)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for name in ("Method", "Grad. ckpt", "Max batch", "at seq", "Max seq len", "at batch"):
+        table.add_column(name, justify="left" if name in ("Method", "Grad. ckpt") else "right")
+    for method, gc, batch, at_seq, seq, at_batch in results:
+        table.add_row(
+            method,
+            "on" if gc else "off",
+            f"{batch:,}" if batch else "none",
+            f"{at_seq:,}",
+            f"{seq:,}" if seq else "none",
+            f"{at_batch:,}",
+        )
+    out.print(table)
+
+
+def cost_lines(setup: Fit, cost: RunCost, steps: int, step_seconds: float) -> list[str]:
+    hours = cost.seconds / 3600
+    lines = [
+        f"Setup: {setup.setup()} {setup.gpu} ({gib(setup.peak_bytes)} peak of {gib(setup.usable_bytes)} per GPU)",
+        f"Compute: {cost.flops_per_token:.3g} FLOPs/token x {cost.tokens:,} tokens = {cost.total_flops:.3g} FLOPs",
+        f"Throughput: {cost.gpus} x {cost.peak_tflops:g} TFLOPS dense {cost.dtype} at {cost.mfu:.0%} MFU",
+        f"Time: {hours:,.2f} h ({steps:,} optimizer steps of {step_seconds:.3g} s), {cost.gpu_hours:,.1f} GPU-hours",
+    ]
+    if cost.cost is not None:
+        lines.append(f"Cost: {cost.cost:,.2f} at {cost.price_per_gpu_hour:g} per GPU-hour")
+    else:
+        lines.append("Cost: give --price (per GPU-hour) or set price_per_hour in your GPU file")
+    return lines

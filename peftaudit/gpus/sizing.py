@@ -1,0 +1,311 @@
+"""Sizing answers from the memory estimator: what fits where, how much, how long, how dear.
+
+Every answer is a search over :func:`peftaudit.memory.estimate`, never a rule
+of thumb: a GPU fits a plan when the estimated peak per GPU (CUDA context and
+allocator margin included) is at most the GPU's usable memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from peftaudit.errors import PeftauditError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.gpus.catalog import GPU
+    from peftaudit.inventory import Inventory
+    from peftaudit.memory import TrainingPlan
+
+#: GPU counts tried when one GPU is not enough.
+GPU_COUNTS: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
+#: Ways to spread a plan over several GPUs, cheapest in communication first.
+SCALE_OUT: tuple[tuple[str, str], ...] = (
+    ("ddp", "none"),
+    ("zero2", "none"),
+    ("zero3", "none"),
+    ("zero3", "optimizer"),
+    ("zero3", "both"),
+)
+#: Sequence lengths are searched in steps of this many tokens.
+SEQ_STEP = 64
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One plan on one GPU type: the peak per GPU against the GPU's usable memory."""
+
+    gpu: str
+    method: str
+    gpus: int
+    sharding: str
+    offload: str
+    batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    peak_bytes: int
+    usable_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.usable_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Usable memory left at the peak (negative when it does not fit)."""
+        return self.usable_bytes - self.peak_bytes
+
+    def setup(self) -> str:
+        """``1x``, ``4x zero3``, ``8x zero3 + offload optimizer``, ``+ grad. ckpt`` when it is on."""
+        text = f"{self.gpus}x"
+        if self.gpus > 1 or self.sharding != "none":
+            text += f" {self.sharding}"
+        if self.offload != "none":
+            text += f" + offload {self.offload}"
+        if self.gradient_checkpointing:
+            text += " + grad. ckpt"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu,
+            "method": self.method,
+            "gpus": self.gpus,
+            "sharding": self.sharding,
+            "offload": self.offload,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "peak_bytes": self.peak_bytes,
+            "usable_bytes": self.usable_bytes,
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+        }
+
+
+Estimator = Callable[["Inventory", "TrainingPlan"], int]
+
+
+def peak_bytes(inventory: Inventory, plan: TrainingPlan) -> int:
+    """The estimator's peak per GPU for ``plan``."""
+    from peftaudit.memory import estimate
+
+    return int(estimate(inventory, plan).total_bytes)
+
+
+def fit(inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, peak: Estimator = peak_bytes) -> Fit:
+    """Whether ``plan`` fits one ``gpu`` (per GPU, at the plan's own GPU count and sharding)."""
+    return Fit(
+        gpu=gpu.name,
+        method=plan.method,
+        gpus=plan.gpus,
+        sharding=plan.sharding,
+        offload=plan.offload,
+        batch_size=plan.batch_size,
+        seq_len=plan.seq_len,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        peak_bytes=peak(inventory, plan),
+        usable_bytes=gpu.usable_bytes,
+    )
+
+
+def smallest_setup(
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, max_gpus: int = 128, peak: Estimator = peak_bytes
+) -> Fit:
+    """The fewest GPUs of this type that hold ``plan``, with the sharding that makes it fit.
+
+    For 1, then 2, 4, 8, ... GPUs: the plan as given (one GPU) or with DDP,
+    ZeRO-2, ZeRO-3, ZeRO-3 with the optimizer offloaded, and with parameters
+    offloaded too; at each count, gradient checkpointing is switched on as a
+    last resort when the plan did not ask for it (activations do not shard).
+    Returns the last setup tried (which does not fit) when none does.
+    """
+    checkpointing = [plan.gradient_checkpointing] + ([True] if not plan.gradient_checkpointing else [])
+    setups: list[tuple[int, str, str, bool]] = [(1, "none", "none", gc) for gc in checkpointing]
+    for count in (c for c in GPU_COUNTS if c <= max_gpus):
+        setups += [(count, sharding, offload, gc) for gc in checkpointing for sharding, offload in SCALE_OUT]
+    last: Fit | None = None
+    for count, sharding, offload, gc in setups:
+        candidate = plan.with_(gpus=count, sharding=sharding, offload=offload, gradient_checkpointing=gc)
+        last = fit(inventory, candidate, gpu, peak=peak)
+        if last.fits:
+            return last
+    assert last is not None
+    return last
+
+
+def max_batch_size(
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, limit: int = 1 << 16, peak: Estimator = peak_bytes
+) -> int:
+    """The largest micro-batch that fits (0 when not even one sequence does)."""
+    return _largest(lambda n: fit(inventory, plan.with_(batch_size=n), gpu, peak=peak).fits, 1, limit, 1)
+
+
+def max_seq_len(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    gpu: GPU,
+    *,
+    limit: int | None = None,
+    step: int = SEQ_STEP,
+    peak: Estimator = peak_bytes,
+) -> int:
+    """The longest sequence (a multiple of ``step``) that fits, up to ``limit``.
+
+    ``limit`` defaults to the model's ``max_position_embeddings`` (or 1M tokens
+    when the config has none); 0 means not even ``step`` tokens fit.
+    """
+    ceiling = limit or inventory.dims.max_position_embeddings or 1 << 20
+    steps = _largest(lambda k: fit(inventory, plan.with_(seq_len=k * step), gpu, peak=peak).fits, 1, ceiling // step, 1)
+    return steps * step
+
+
+def _largest(fits: Callable[[int], bool], low: int, high: int, step: int) -> int:
+    """Largest n in [low, high] with fits(n), assuming fits is monotone; low - step when none."""
+    if high < low or not fits(low):
+        return low - step
+    # Grow geometrically to bracket the edge, then bisect: O(log n) estimates.
+    good, probe = low, low * 2
+    while probe <= high and fits(probe):
+        good, probe = probe, probe * 2
+    bad = min(probe, high + 1)
+    while bad - good > step:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+# --- time and cost ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """How long a training run takes and what it costs, from FLOPs at a stated utilisation."""
+
+    gpu: str
+    gpus: int
+    tokens: int
+    flops_per_token: float
+    total_flops: float
+    dtype: str
+    peak_tflops: float
+    mfu: float
+    seconds: float
+    price_per_gpu_hour: float | None
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.seconds * self.gpus / 3600
+
+    @property
+    def cost(self) -> float | None:
+        return None if self.price_per_gpu_hour is None else self.gpu_hours * self.price_per_gpu_hour
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu,
+            "gpus": self.gpus,
+            "tokens": self.tokens,
+            "flops_per_token": self.flops_per_token,
+            "total_flops": self.total_flops,
+            "dtype": self.dtype,
+            "peak_tflops": self.peak_tflops,
+            "mfu": self.mfu,
+            "seconds": self.seconds,
+            "gpu_hours": self.gpu_hours,
+            "price_per_gpu_hour": self.price_per_gpu_hour,
+            "cost": self.cost,
+        }
+
+
+def training_flops_per_token(inventory: Inventory, plan: TrainingPlan) -> float:
+    """FLOPs to train on one token under ``plan``.
+
+    A forward pass costs 2 FLOPs per parameter used in a matrix multiply (all
+    parameters a token touches, less the input embedding lookup) plus the
+    attention scores and weighted sum, 4 x seq_len x heads x head_dim per
+    layer. Full fine-tuning's backward costs twice the forward (gradients of
+    activations and of weights: 6N in all). With a frozen base the weight
+    gradients are skipped, so backward costs one forward, plus the adapters'
+    own 6 FLOPs per adapter parameter. Gradient checkpointing recomputes the
+    forward once more.
+    """
+    dims = inventory.dims
+    active = inventory.moe.active_params if inventory.moe else inventory.total
+    embedding = sum(p.numel for p in inventory.parameters if p.kind == "embedding" and not p.tied_with)
+    matmul_params = max(active - embedding, 0)
+    layers = dims.num_layers or 0
+    heads = dims.num_attention_heads or 0
+    head_dim = dims.head_dim or 0
+    attention = 4 * plan.seq_len * heads * head_dim * layers
+    forward = 2 * matmul_params + attention
+    if plan.method == "full":
+        per_token = 3.0 * forward
+    else:
+        from peftaudit.memory import estimate
+
+        trainable = estimate(inventory, plan).trainable_params
+        per_token = 2.0 * forward + 6.0 * trainable
+    if plan.gradient_checkpointing:
+        per_token += forward
+    return float(per_token)
+
+
+def _compute_dtype(plan: TrainingPlan) -> str:
+    if plan.precision in ("fp32",):
+        return "fp32"
+    if plan.precision.startswith("fp16"):
+        return "fp16"
+    if plan.precision.startswith("fp8"):
+        return "fp8"
+    return "bf16"
+
+
+def run_cost(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    gpu: GPU,
+    *,
+    tokens: int,
+    mfu: float = 0.4,
+    price_per_gpu_hour: float | None = None,
+) -> RunCost:
+    """Time and cost of training on ``tokens`` tokens with ``plan.gpus`` GPUs of this type."""
+    if tokens <= 0:
+        raise PeftauditError(f"--tokens must be positive, got {tokens}")
+    if not 0 < mfu <= 1:
+        raise PeftauditError(f"--mfu must be between 0 and 1, got {mfu}")
+    dtype = _compute_dtype(plan)
+    tflops = gpu.dense_tflops(dtype)
+    if tflops is None:
+        raise PeftauditError(
+            f"{gpu.name} has no published dense {dtype} throughput in the catalog; "
+            "add `tflops` for it in your GPU file to get time estimates"
+        )
+    per_token = training_flops_per_token(inventory, plan)
+    total = per_token * tokens
+    seconds = total / (plan.gpus * tflops * 1e12 * mfu)
+    price = price_per_gpu_hour if price_per_gpu_hour is not None else gpu.price_per_hour
+    return RunCost(
+        gpu=gpu.name,
+        gpus=plan.gpus,
+        tokens=tokens,
+        flops_per_token=per_token,
+        total_flops=total,
+        dtype=dtype,
+        peak_tflops=tflops,
+        mfu=mfu,
+        seconds=seconds,
+        price_per_gpu_hour=price,
+    )
+
+
+def sweep(
+    inventory: Inventory, plans: Sequence[TrainingPlan], gpus: Sequence[GPU], *, peak: Estimator = peak_bytes
+) -> list[list[Fit]]:
+    """For each GPU, for each plan: the smallest setup that fits (rows follow ``gpus``)."""
+    return [[smallest_setup(inventory, plan, gpu, peak=peak) for plan in plans] for gpu in gpus]

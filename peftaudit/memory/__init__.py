@@ -1,0 +1,56 @@
+"""The memory estimator: peak GPU memory of full and PEFT fine-tuning, by component.
+
+>>> from peftaudit.memory import TrainingPlan, estimate        # doctest: +SKIP
+>>> estimate(inventory, TrainingPlan(method="qlora", rank=16))  # doctest: +SKIP
+
+``estimate`` is analytic and fast (a recorded step re-evaluated per plan);
+``trace`` runs one real training step of the actual model on fake tensors and
+is the oracle the analytic estimate is tested against. Names are imported
+lazily so that plugin loading does not import numpy or torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.memory.estimate import estimate
+    from peftaudit.memory.result import COMPONENTS, MemoryEstimate
+    from peftaudit.memory.trace import trace
+
+_LAZY = {
+    "estimate": "peftaudit.memory.estimate",
+    "MemoryEstimate": "peftaudit.memory.result",
+    "COMPONENTS": "peftaudit.memory.result",
+    "trace": "peftaudit.memory.trace",
+}
+
+__all__ = [
+    "COMPONENTS",
+    "MemoryEstimate",
+    "PlanError",
+    "PlanWarning",
+    "TrainingPlan",
+    "available_methods",
+    "estimate",
+    "trace",
+]
+
+
+def available_methods() -> dict[str, Any]:
+    """Registered fine-tuning methods by name (built-ins and plugins)."""
+    from peftaudit.plugins import memory_methods
+
+    return memory_methods()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peftaudit.memory' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,195 @@
+"""Fine-tuning methods as plugins: what trains, what is added, how the base is stored.
+
+A method turns an :class:`~peftaudit.inventory.Inventory` and a
+:class:`~peftaudit.memory.plan.TrainingPlan` into an :class:`Adaptation`. The
+built-in methods are registered by :mod:`peftaudit.builtin.methods` through the
+``peftaudit_register_methods`` hook, the same way a third-party plugin adds one::
+
+    import peftaudit
+    from peftaudit.memory.methods import Adaptation, LoraMethod
+
+    class LoftQ(LoraMethod):
+        name = "loftq"
+        description = "LoRA on a 4-bit base initialised with LoftQ"
+        quantization = "nf4"
+
+    @peftaudit.hookimpl
+    def peftaudit_register_methods(register):
+        register(LoftQ())
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from peftaudit.inventory import Inventory
+from peftaudit.memory.plan import PlanError, TrainingPlan
+from peftaudit.memory.targets import (
+    ModuleAdapter,
+    SavedModule,
+    ia3_adapters,
+    lora_adapters,
+    output_head_path,
+    saved_modules,
+)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What one method does to one model: the input of the memory estimate."""
+
+    method: str
+    adapters: tuple[ModuleAdapter, ...] = ()
+    """New adapter modules (LoRA, DoRA, IA3), with their exact shapes."""
+    trainable: frozenset[str] = frozenset()
+    """Names of base-model parameters that train in place (full, freeze, biases)."""
+    saved: tuple[SavedModule, ...] = ()
+    """``modules_to_save``: trained copies of whole modules."""
+    quantization: str | None = None
+    """How frozen linear weights are stored: ``None`` (as the plan's dtype), ``nf4``,
+    ``fp4``, ``int8`` or ``fp8``."""
+    virtual_tokens: int = 0
+    """Prompt tuning: tokens prepended to each sequence."""
+    prompt_params: int = 0
+
+    @property
+    def adapter_params(self) -> int:
+        """Parameters the method adds (adapters, trained copies, prompt embeddings)."""
+        return sum(a.params for a in self.adapters) + sum(s.params for s in self.saved) + self.prompt_params
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A fine-tuning method: a name, a one-line description and ``adapt``."""
+
+    name: str
+    description: str
+
+    def adapt(self, inventory: Inventory, plan: TrainingPlan) -> Adaptation: ...
+
+
+class FullMethod:
+    """Every parameter trains."""
+
+    name = "full"
+    description = "full fine-tuning: every parameter trains"
+
+    def adapt(self, inventory: Inventory, plan: TrainingPlan) -> Adaptation:
+        return Adaptation(self.name, trainable=frozenset(p.name for p in inventory.parameters))
+
+
+class FreezeMethod:
+    """Train some parameters, freeze the rest (LLaMA-Factory's ``freeze`` tuning)."""
+
+    name = "freeze"
+    description = "freeze tuning: only the last layers (or chosen parameters) train"
+
+    def adapt(self, inventory: Inventory, plan: TrainingPlan) -> Adaptation:
+        if plan.trainable:
+            patterns = [re.compile(p) for p in plan.trainable]
+            names = frozenset(p.name for p in inventory.parameters if any(r.search(p.name) for r in patterns))
+            if not names:
+                raise PlanError(f"trainable patterns {list(plan.trainable)} match no parameter")
+        else:
+            layers = sorted({p.layer for p in inventory.parameters if p.layer is not None})
+            if not layers:
+                raise PlanError("freeze tuning needs numbered layers; give trainable parameter patterns")
+            if plan.trainable_layers == 0:
+                raise PlanError("freeze tuning with 0 trainable layers trains nothing")
+            last = set(layers[-plan.trainable_layers :])
+            names = frozenset(p.name for p in inventory.parameters if p.layer in last)
+        return Adaptation(self.name, trainable=names)
+
+
+class LoraMethod:
+    """LoRA adapters on a frozen base (stored as the plan's dtype or quantized)."""
+
+    name = "lora"
+    description = "LoRA: low-rank adapters on a frozen 16-bit base"
+    kind = "lora"
+    quantization: str | None = None
+
+    def adapt(self, inventory: Inventory, plan: TrainingPlan) -> Adaptation:
+        quant = self._quantization(plan)
+        if quant is not None and not any(m.is_linear for m in inventory.modules):
+            raise PlanError(f"{self.name} quantizes linear layers, and this {inventory.architecture} has none")
+        adapters = lora_adapters(inventory, plan, kind=self.kind)
+        return Adaptation(
+            self.name,
+            adapters=adapters,
+            trainable=_lora_biases(inventory, plan, adapters),
+            saved=saved_modules(inventory, plan),
+            quantization=quant,
+        )
+
+    def _quantization(self, plan: TrainingPlan) -> str | None:
+        if plan.base_dtype in ("nf4", "fp4", "int8", "fp8"):
+            return plan.base_dtype
+        if self.quantization == "4bit":
+            return plan.quant_type
+        return self.quantization
+
+
+class QloraMethod(LoraMethod):
+    name = "qlora"
+    description = "QLoRA: LoRA on a 4-bit (NF4/FP4) bitsandbytes base"
+    quantization = "4bit"
+
+
+class Lora8bitMethod(LoraMethod):
+    name = "lora-8bit"
+    description = "LoRA on an 8-bit (LLM.int8) bitsandbytes base"
+    quantization = "int8"
+
+
+class DoraMethod(LoraMethod):
+    name = "dora"
+    description = "DoRA: weight-decomposed LoRA (magnitude vector plus low-rank direction)"
+    kind = "dora"
+
+
+class Ia3Method:
+    name = "ia3"
+    description = "IA3: learned scaling vectors on keys, values and the feed-forward input"
+
+    def adapt(self, inventory: Inventory, plan: TrainingPlan) -> Adaptation:
+        return Adaptation(self.name, adapters=ia3_adapters(inventory, plan), saved=saved_modules(inventory, plan))
+
+
+class PromptTuningMethod:
+    name = "prompt-tuning"
+    description = "prompt tuning: trained virtual-token embeddings prepended to every sequence"
+
+    def adapt(self, inventory: Inventory, plan: TrainingPlan) -> Adaptation:
+        hidden = inventory.dims.hidden_size
+        if not hidden:
+            raise PlanError("prompt tuning needs the model's hidden size, which its config does not give")
+        return Adaptation(
+            self.name,
+            virtual_tokens=plan.num_virtual_tokens,
+            prompt_params=plan.num_virtual_tokens * hidden,
+        )
+
+
+def _lora_biases(inventory: Inventory, plan: TrainingPlan, adapters: tuple[ModuleAdapter, ...]) -> frozenset[str]:
+    if plan.lora_bias == "none":
+        return frozenset()
+    head = output_head_path(inventory)
+    if plan.lora_bias == "all":
+        return frozenset(p.name for p in inventory.parameters if p.is_bias and p.module != head)
+    adapted = {a.path for a in adapters}
+    return frozenset(p.name for p in inventory.parameters if p.is_bias and p.module in adapted)
+
+
+BUILTIN_METHODS: tuple[Method, ...] = (
+    FullMethod(),
+    FreezeMethod(),
+    LoraMethod(),
+    QloraMethod(),
+    Lora8bitMethod(),
+    DoraMethod(),
+    Ia3Method(),
+    PromptTuningMethod(),
+)

@@ -1,0 +1,326 @@
+"""The training plan: everything about a run that decides its memory, with defaults.
+
+A :class:`TrainingPlan` is plain, frozen data. Every field has a default that
+matches what a user gets from Hugging Face ``Trainer`` + ``peft`` when they do
+not say otherwise, so ``TrainingPlan()`` is a LoRA run on all linear layers
+with rank 16, batch 1 x 2048 tokens, bf16 weights with bf16 autocast, fused
+AdamW, on one GPU.
+
+Checks that need only the plan run in :meth:`TrainingPlan.validate` and raise
+:class:`PlanError`; checks that need the model (a target that matches nothing,
+QLoRA on a model without linear layers) run when the plan meets an inventory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from peftaudit.errors import PeftauditError
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class PlanError(PeftauditError):
+    """A training plan that cannot be estimated (rank 0, negative batch, unknown optimizer...)."""
+
+
+#: Training precisions, in the user's words.
+#:
+#: ``bf16``/``fp16``: weights stored in half precision and the forward run under
+#: ``torch.autocast`` (what ``Trainer(bf16=True)`` does to a model loaded with
+#: ``dtype=torch.bfloat16``; the most common setup).
+#: ``bf16-true``/``fp16-true``: half-precision weights and no autocast ("pure" half).
+#: ``bf16-mixed``/``fp16-mixed``: fp32 weights (the master copy) with autocast.
+#: ``fp32``: everything in fp32.
+PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "bf16-true", "fp16-true", "bf16-mixed", "fp16-mixed", "fp32")
+
+#: Storage of frozen base weights: ``None`` follows the precision; the others
+#: store the base weights quantized and dequantize them layer by layer.
+BASE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4", "fp4")
+
+ADAPTER_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
+
+OPTIMIZERS: tuple[str, ...] = (
+    "adamw",
+    "adamw_8bit",
+    "paged_adamw",
+    "paged_adamw_8bit",
+    "sgd",
+    "sgd_momentum",
+    "adafactor",
+    "lion",
+    "lion_8bit",
+    "none",
+)
+
+#: How torch's optimizers run their step: one fused kernel (no temporaries, the
+#: ``Trainer`` default ``adamw_torch_fused``), ``foreach`` (one temporary per
+#: state, all tensors at once) or a ``for-loop`` (one parameter at a time).
+OPTIMIZER_IMPLS: tuple[str, ...] = ("fused", "foreach", "for-loop")
+
+ATTENTIONS: tuple[str, ...] = ("sdpa", "flash", "eager")
+LOSSES: tuple[str, ...] = ("default", "chunked")
+SHARDINGS: tuple[str, ...] = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid")
+OFFLOADS: tuple[str, ...] = ("none", "optimizer", "parameters", "both")
+LORA_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One training run as far as memory is concerned. All fields have defaults.
+
+    Sizes are per GPU: ``batch_size`` is the micro-batch one GPU processes in
+    one forward pass (gradient accumulation does not multiply it).
+    """
+
+    # --- what trains ------------------------------------------------------------
+    method: str = "lora"
+    """A registered method: ``full``, ``freeze``, ``lora``, ``qlora``, ``lora-8bit``,
+    ``dora``, ``ia3``, ``prompt-tuning`` (see ``peftaudit.memory.available_methods()``)."""
+    rank: int = 16
+    """LoRA rank ``r`` (LoRA, QLoRA, DoRA)."""
+    alpha: float | None = None
+    """LoRA alpha; ``None`` is ``2 * rank``. It scales the update and costs no memory."""
+    dropout: float = 0.0
+    """LoRA dropout (peft's default 0). With p > 0 every adapted layer keeps a
+    dropped copy of its input and a mask for the backward pass."""
+    targets: str | tuple[str, ...] = "all-linear"
+    """Which modules get adapters, as peft reads ``target_modules``: ``"all-linear"``;
+    a tuple of names matched against the end of the module path (``("q_proj", "v_proj")``);
+    or one string, a regular expression that must match the whole module path;
+    ``"default"`` is peft's per-architecture default (q and v for Llama)."""
+    exclude: tuple[str, ...] = ()
+    """Module names never adapted (peft's ``exclude_modules``)."""
+    target_parameters: tuple[str, ...] = ()
+    """Parameters adapted directly (peft's ``target_parameters``), e.g.
+    ``("mlp.experts.gate_up_proj", "mlp.experts.down_proj")`` for fused MoE experts."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full next to the adapters (peft keeps a trainable copy)."""
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    """Per-module ranks as ``((regex, rank), ...)``, peft's ``rank_pattern`` (a dict is accepted)."""
+    lora_bias: str = "none"
+    """peft's ``bias``: ``"none"``, ``"all"`` (train every base bias) or ``"lora_only"``."""
+    trainable: tuple[str, ...] = ()
+    """``freeze`` method: regular expressions over parameter names that train.
+    Empty means the last ``trainable_layers`` decoder layers (LLaMA-Factory's default)."""
+    trainable_layers: int = 2
+    """``freeze`` method without ``trainable``: how many of the last layers train."""
+    num_virtual_tokens: int = 20
+    """``prompt-tuning``: virtual tokens prepended to every sequence."""
+
+    # --- precision and quantization ------------------------------------------------
+    precision: str = "bf16"
+    """One of :data:`PRECISIONS`; ``bf16`` is half-precision weights under autocast."""
+    base_dtype: str | None = None
+    """Storage of frozen base weights (:data:`BASE_DTYPES`); ``None`` follows the
+    precision, QLoRA uses ``nf4`` and 8-bit LoRA ``int8``. ``fp8`` stores frozen
+    weights as float8 with one fp32 scale per 128x128 block."""
+    adapter_dtype: str = "fp32"
+    """Adapter weights' dtype: peft upcasts adapters to fp32 by default
+    (``autocast_adapter_dtype=True``); ``auto`` keeps the base weights' dtype."""
+    quant_type: str = "nf4"
+    """QLoRA 4-bit format (``nf4`` or ``fp4``); used when the base is 4-bit."""
+    double_quant: bool = True
+    """QLoRA double quantization (quantizes the per-block absmax constants too)."""
+    kbit_upcast: bool = False
+    """What ``peft.prepare_model_for_kbit_training`` does: cast every
+    non-quantized parameter (embeddings, norms, head) to fp32."""
+
+    # --- optimizer ------------------------------------------------------------------------
+    optimizer: str = "adamw"
+    """One of :data:`OPTIMIZERS`; ``none`` is inference (forward only, no gradients)."""
+    optimizer_impl: str = "fused"
+    """torch optimizers' implementation, :data:`OPTIMIZER_IMPLS`."""
+
+    # --- activations ------------------------------------------------------------------------
+    batch_size: int = 1
+    """Sequences per GPU per forward pass (the micro-batch)."""
+    seq_len: int = 2048
+    """Tokens per sequence."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer in the backward pass (transformers' non-reentrant default)."""
+    attention: str = "sdpa"
+    """``sdpa`` and ``flash`` keep O(seq) memory; ``eager`` keeps the attention matrix."""
+    loss: str = "default"
+    """``default``: transformers' loss, which upcasts all logits to fp32; ``chunked``:
+    a fused/chunked linear cross-entropy that never holds the full logits."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step; above 1 the gradients stay alive through
+    every forward pass."""
+
+    # --- scale-out ----------------------------------------------------------------------------
+    gpus: int = 1
+    """GPUs in the job (all nodes)."""
+    gpus_per_node: int = 8
+    """GPUs per node, for hybrid sharding (shard within a node, replicate across)."""
+    sharding: str = "none"
+    """``none`` (one GPU), ``ddp``, ``zero1``, ``zero2``, ``zero3``, ``fsdp`` (full shard)
+    or ``fsdp-hybrid`` (:data:`SHARDINGS`)."""
+    offload: str = "none"
+    """CPU offload: ``optimizer`` (states and master weights), ``parameters`` (ZeRO-3/FSDP
+    only) or ``both``."""
+
+    # --- fixed costs ---------------------------------------------------------------------------
+    cuda_context_bytes: int = 1024 * MIB
+    """CUDA context, cuBLAS/cuDNN workspaces and kernels, allocated outside PyTorch's
+    allocator. Measured 300 MiB to 1.3 GiB per process (1343 MB in transformers' docs);
+    1 GiB is what the published end-to-end measurements calibrate to (docs/memory.md)."""
+    allocator_fraction: float = 0.10
+    """Caching-allocator slack on top of the allocated peak (reserved minus allocated,
+    as a fraction of allocated)."""
+
+    def __post_init__(self) -> None:
+        # Accept the natural Python spellings and keep the dataclass hashable.
+        if isinstance(self.rank_pattern, Mapping):
+            # Insertion order matters: peft uses the first pattern that matches.
+            object.__setattr__(self, "rank_pattern", tuple(self.rank_pattern.items()))
+        for name in ("exclude", "target_parameters", "modules_to_save", "trainable", "rank_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def training(self) -> bool:
+        """False for inference plans (``optimizer="none"``)."""
+        return self.optimizer != "none"
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro-batch on one GPU."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the forward runs under ``torch.autocast``."""
+        return self.precision in ("bf16", "fp16", "bf16-mixed", "fp16-mixed")
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype matrix multiplications run in."""
+        if self.precision == "fp32":
+            return "fp32"
+        return "fp16" if self.precision.startswith("fp16") else "bf16"
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype trainable and unquantized weights are stored in."""
+        if self.precision in ("fp32", "bf16-mixed", "fp16-mixed"):
+            return "fp32"
+        return self.compute_dtype
+
+    def with_(self, **changes: Any) -> TrainingPlan:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["rank_pattern"] = dict(self.rank_pattern)
+        for key in ("exclude", "target_parameters", "modules_to_save", "trainable"):
+            data[key] = list(data[key])
+        if isinstance(self.targets, tuple):
+            data["targets"] = list(self.targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"unknown training plan field(s): {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def validate(self) -> None:
+        """Raise :class:`PlanError` for a plan that makes no sense on any model."""
+        from peftaudit.plugins import memory_methods
+
+        methods = memory_methods()
+        if self.method not in methods:
+            raise PlanError(f"unknown method '{self.method}'; known: {', '.join(sorted(methods))}")
+        _one_of("precision", self.precision, PRECISIONS)
+        if self.base_dtype is not None:
+            _one_of("base_dtype", self.base_dtype, BASE_DTYPES)
+        _one_of("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        _one_of("quant_type", self.quant_type, QUANT_TYPES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        _one_of("attention", self.attention, ATTENTIONS)
+        _one_of("loss", self.loss, LOSSES)
+        _one_of("sharding", self.sharding, SHARDINGS)
+        _one_of("offload", self.offload, OFFLOADS)
+        _one_of("lora_bias", self.lora_bias, LORA_BIAS)
+        for name in ("batch_size", "seq_len", "gradient_accumulation", "gpus", "gpus_per_node"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise PlanError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        for pattern, rank in self.rank_pattern:
+            if not isinstance(rank, int) or rank < 1:
+                raise PlanError(f"rank_pattern '{pattern}' gives rank {rank!r}; ranks must be positive integers")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PlanError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.num_virtual_tokens < 1:
+            raise PlanError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens!r}")
+        if self.trainable_layers < 0:
+            raise PlanError(f"trainable_layers must be >= 0, got {self.trainable_layers!r}")
+        if self.cuda_context_bytes < 0:
+            raise PlanError("cuda_context_bytes must be >= 0")
+        if not 0.0 <= self.allocator_fraction <= 4.0:
+            raise PlanError(f"allocator_fraction must be between 0 and 4, got {self.allocator_fraction!r}")
+        if self.sharding == "none" and self.gpus > 1:
+            raise PlanError(f"{self.gpus} GPUs need a sharding strategy: ddp, zero1, zero2, zero3, fsdp or fsdp-hybrid")
+        if self.offload in ("parameters", "both") and self.sharding not in ("zero3", "fsdp", "fsdp-hybrid"):
+            raise PlanError("offloading parameters needs parameter sharding: zero3, fsdp or fsdp-hybrid")
+        if self.offload != "none" and not self.training:
+            raise PlanError("offload applies to training; an inference plan (optimizer none) has nothing to offload")
+        if self.sharding == "fsdp-hybrid" and self.gpus % min(self.gpus_per_node, self.gpus):
+            raise PlanError(f"fsdp-hybrid needs whole nodes: {self.gpus} GPUs, {self.gpus_per_node} per node")
+        if isinstance(self.targets, str) and not self.targets.strip():
+            raise PlanError("targets must not be empty")
+        if isinstance(self.targets, tuple) and not self.targets and not self.target_parameters:
+            raise PlanError("targets is empty and no target_parameters were given: nothing would train")
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PlanError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class PlanWarning:
+    """A plan that works but probably is not what the user meant. ``code`` is stable."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+__all__ = [
+    "ADAPTER_DTYPES",
+    "ATTENTIONS",
+    "BASE_DTYPES",
+    "LOSSES",
+    "OFFLOADS",
+    "OPTIMIZERS",
+    "OPTIMIZER_IMPLS",
+    "PRECISIONS",
+    "SHARDINGS",
+    "PlanError",
+    "PlanWarning",
+    "TrainingPlan",
+]

@@ -1,0 +1,132 @@
+"""Showing estimates: a rich table of components, a terminal bar chart, and Markdown.
+
+These functions read finished :class:`~peftaudit.memory.estimate.MemoryEstimate`
+objects and never compute; the numbers shown are ``components`` and
+``total_bytes`` as they are. Byte counts are shown in GiB (binary), labelled so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, MemoryEstimate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+GIB = 1024**3
+
+_SHORT: dict[str, str] = {
+    "base_weights": "base",
+    "quantization_constants": "quant",
+    "trainable_weights": "trainable",
+    "gradients": "grads",
+    "optimizer_states": "optim",
+    "master_weights": "master",
+    "weight_copies": "w-copies",
+    "activations": "acts",
+    "logits_and_loss": "logits",
+    "temporaries": "temps",
+    "cuda_context": "context",
+    "allocator_margin": "margin",
+}
+_STYLE: dict[str, str] = {
+    "base_weights": "blue",
+    "quantization_constants": "bright_blue",
+    "trainable_weights": "cyan",
+    "gradients": "magenta",
+    "optimizer_states": "red",
+    "master_weights": "bright_red",
+    "weight_copies": "bright_cyan",
+    "activations": "green",
+    "logits_and_loss": "yellow",
+    "temporaries": "bright_yellow",
+    "cuda_context": "white",
+    "allocator_margin": "bright_black",
+}
+_GLYPH: dict[str, str] = {
+    "base_weights": "#",
+    "quantization_constants": "q",
+    "trainable_weights": "t",
+    "gradients": "g",
+    "optimizer_states": "o",
+    "master_weights": "m",
+    "weight_copies": "w",
+    "activations": "a",
+    "logits_and_loss": "l",
+    "temporaries": "~",
+    "cuda_context": "c",
+    "allocator_margin": ".",
+}
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def _label(e: MemoryEstimate) -> str:
+    return e.method if e.source == "analytic" else f"{e.method} ({e.source})"
+
+
+def _shown(estimates: Sequence[MemoryEstimate]) -> list[str]:
+    """Components that are non-zero in at least one estimate, in the fixed order."""
+    return [c for c in COMPONENTS if any(e.components.get(c, 0) for e in estimates)]
+
+
+def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, width: int = 40) -> None:
+    """Print a table (one row per method, one column per component, GiB) and a bar chart."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if not estimates:
+        return
+    shown = _shown(estimates)
+    table = Table(title="Peak GPU memory per GPU (GiB)", title_justify="left", box=None, pad_edge=False, padding=(0, 1))
+    table.add_column("method", style="bold", no_wrap=True)
+    for c in shown:
+        table.add_column(_SHORT[c], justify="right", style=_STYLE[c], no_wrap=True)
+    table.add_column("peak", justify="right", style="bold", no_wrap=True)
+    for e in estimates:
+        table.add_row(_label(e), *(_gib(e.components.get(c, 0)) for c in shown), _gib(e.total_bytes))
+    console.print(table)
+
+    # Bar chart: one stacked bar per estimate, all on the same scale.
+    top = max(e.total_bytes for e in estimates) or 1
+    name_width = max(len(_label(e)) for e in estimates)
+    for e in estimates:
+        bar = Text(f"{_label(e):<{name_width}} ")
+        for c in shown:
+            cells = round(width * e.components.get(c, 0) / top)
+            if cells:
+                bar.append(_GLYPH[c] * cells, style=_STYLE[c])
+        bar.append(f" {_gib(e.total_bytes)} GiB, peak in the {e.peak_phase}")
+        console.print(bar)
+    legend = Text("  ")
+    for c in shown:
+        legend.append(f"{_GLYPH[c]} {_SHORT[c]}  ", style=_STYLE[c])
+    console.print(legend)
+    for e in estimates:
+        for w in e.warnings:
+            console.print(f"[yellow]warning[/yellow] ({_label(e)}, {w.code}): {w.message}")
+
+
+def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
+    """A Markdown table of the estimates (GiB, one row per method) with a component legend."""
+    if not estimates:
+        return ""
+    shown = _shown(estimates)
+    head = ["method", *(_SHORT[c] for c in shown), "peak (GiB)", "peak at"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(shown) + 1) + ["---"]) + "|"]
+    for e in estimates:
+        cells = [_label(e), *(_gib(e.components.get(c, 0)) for c in shown), f"**{_gib(e.total_bytes)}**", e.peak_phase]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for c in shown:
+        lines.append(f"- **{_SHORT[c]}**: {COMPONENT_HELP[c]}")
+    warnings = [(e, w) for e in estimates for w in e.warnings]
+    if warnings:
+        lines.append("")
+        for e, w in warnings:
+            lines.append(f"> warning ({_label(e)}, `{w.code}`): {w.message}")
+    return "\n".join(lines) + "\n"

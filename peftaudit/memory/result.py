@@ -1,0 +1,116 @@
+"""The result of an estimate (analytic or traced): components, peak, phase.
+
+Plain data with no heavy imports, so renderers and cached reports can read it
+without numpy or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftaudit.memory.plan import PlanWarning
+
+#: Components of an estimate, in the order they are shown. They add up to ``total_bytes``.
+COMPONENTS: tuple[str, ...] = (
+    "base_weights",
+    "quantization_constants",
+    "trainable_weights",
+    "gradients",
+    "optimizer_states",
+    "master_weights",
+    "weight_copies",
+    "activations",
+    "logits_and_loss",
+    "temporaries",
+    "cuda_context",
+    "allocator_margin",
+)
+
+#: What each component is, for tables and docs.
+COMPONENT_HELP: dict[str, str] = {
+    "base_weights": "frozen model weights at their storage dtype (packed when quantized), plus buffers",
+    "quantization_constants": "absmax / scale tensors and code books of quantized weights",
+    "trainable_weights": "weights that train: adapters, trained base weights, modules_to_save copies",
+    "gradients": "parameter gradients alive at the peak",
+    "optimizer_states": "optimizer moments (Adam m and v, momentum, factored second moments)",
+    "master_weights": "fp32 copies of half-precision weights kept by the optimizer (ZeRO)",
+    "weight_copies": "half-precision casts of weights (autocast) and dequantized or gathered weights",
+    "activations": "tensors the forward pass keeps for backward (and forward scratch at the peak)",
+    "logits_and_loss": "logits, their fp32 upcast, log-softmax and its gradient",
+    "temporaries": "gradients of activations in flight and kernel scratch at the peak",
+    "cuda_context": "CUDA context, kernels and library workspaces outside PyTorch's allocator",
+    "allocator_margin": "caching-allocator slack: reserved but not allocated",
+}
+
+PHASES: tuple[str, ...] = ("forward", "backward", "optimizer step")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one GPU for one plan, by component.
+
+    ``components`` are the bytes alive at the peak (plus the fixed overheads) and
+    add up to ``total_bytes``; ``peak_phase`` is the step where the peak happens.
+    """
+
+    method: str
+    total_bytes: int
+    """Peak per GPU, CUDA context and allocator margin included."""
+    components: dict[str, int]
+    """Bytes per component at the peak, in :data:`COMPONENTS` order."""
+    peak_phase: str
+    """``forward``, ``backward`` or ``optimizer step``."""
+    activations_per_layer: tuple[int, ...] = ()
+    """Bytes each layer keeps for backward at the end of the forward pass."""
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    """Allocated peak (no context, no margin) of each phase."""
+    trainable_params: int = 0
+    total_params: int = 0
+    plan: dict[str, Any] = field(default_factory=dict)
+    """The :class:`TrainingPlan` as a dict."""
+    warnings: tuple[PlanWarning, ...] = ()
+    source: str = "analytic"
+    """``analytic`` or ``trace`` (the fake-tensor oracle)."""
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Peak of tensors alone: what ``torch.cuda.max_memory_allocated`` measures."""
+        return self.total_bytes - self.components.get("cuda_context", 0) - self.components.get("allocator_margin", 0)
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(self.activations_per_layer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "total_bytes": self.total_bytes,
+            "allocated_bytes": self.allocated_bytes,
+            "components": {k: self.components.get(k, 0) for k in COMPONENTS},
+            "peak_phase": self.peak_phase,
+            "activations_per_layer": list(self.activations_per_layer),
+            "phase_peaks": dict(self.phase_peaks),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "plan": dict(self.plan),
+            "warnings": [w.to_dict() for w in self.warnings],
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryEstimate:
+        return cls(
+            method=str(data["method"]),
+            total_bytes=int(data["total_bytes"]),
+            components={k: int(v) for k, v in dict(data["components"]).items()},
+            peak_phase=str(data["peak_phase"]),
+            activations_per_layer=tuple(int(v) for v in data.get("activations_per_layer", ())),
+            phase_peaks={k: int(v) for k, v in dict(data.get("phase_peaks", {})).items()},
+            trainable_params=int(data.get("trainable_params", 0)),
+            total_params=int(data.get("total_params", 0)),
+            plan=dict(data.get("plan", {})),
+            warnings=tuple(PlanWarning(w["code"], w["message"]) for w in data.get("warnings", ())),
+            source=str(data.get("source", "analytic")),
+        )

@@ -1,0 +1,393 @@
+"""Which modules and parameters peft adapts, decided the way peft 0.21 decides it.
+
+Everything here reads the :class:`~peftaudit.inventory.Inventory` only, so the
+adapter shapes (and so the trainable parameter count) are known without
+building a ``PeftModel``. The rules, each from peft's source:
+
+* ``target_modules`` as a list matches a module path exactly or by its end
+  (``key.endswith("." + name)``); as a string it is a regular expression that
+  must match the whole path (``re.fullmatch``); ``"all-linear"`` is every
+  ``nn.Linear`` and ``Conv1D`` except the output embedding
+  (``_maybe_include_all_linear_layers``).
+* ``exclude_modules`` and ``modules_to_save`` win over targets
+  (``check_target_module_exists``).
+* ``rank_pattern`` keys are regular expressions matched against the end of a
+  path (``get_pattern_key``: ``re.match(rf"(.*\\.)?({key})$", path)``), first key wins.
+* ``target_parameters`` adapt a parameter directly (``ParamWrapper``): a 3-D
+  ``(experts, a, b)`` parameter gets ``lora_A`` of ``(r * experts, in)`` and
+  ``lora_B`` of ``(out, r * experts)``.
+* For MoE models whose experts transformers 5 fused into 3-D parameters, peft
+  rewrites the config (``_convert_peft_config_moe``): the old expert names map to
+  the fused parameters, and a fused ``gate_up_proj`` gets twice the rank.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from peftaudit.inventory import Inventory, ModuleRecord, ParameterRecord
+from peftaudit.memory.plan import PlanError, TrainingPlan
+
+#: peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` for the families we model.
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "falcon": ("query_key_value",),
+    "gpt_neox": ("query_key_value",),
+    "opt": ("q_proj", "v_proj"),
+    "t5": ("q", "v"),
+}
+
+#: peft's IA3 targets and the feed-forward subset (input-scaled rather than output-scaled).
+DEFAULT_IA3_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mixtral": (("k_proj", "v_proj", "w2"), ("w2",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
+}
+
+# peft 0.21 + transformers 5: model types whose fused experts peft re-targets, by base pattern
+# (transformers_weight_conversion._MODEL_TO_CONVERSION_PATTERN restricted to the two patterns
+# peft maps, _MOE_TARGET_MODULE_MAPPING). qwen2_moe itself has no base pattern, so peft leaves
+# its experts alone.
+_MOE_BASE: dict[str, str] = {
+    "mixtral": "mixtral",
+    "minimax": "mixtral",
+    "qwen3_moe": "qwen2_moe",
+    "olmoe": "qwen2_moe",
+    "deepseek_v3": "qwen2_moe",
+    "qwen3_next": "qwen2_moe",
+    "ernie4_5_moe": "qwen2_moe",
+    "glm4_moe": "qwen2_moe",
+    "dots1": "qwen2_moe",
+    "hunyuan_v1_moe": "qwen2_moe",
+    "flex_olmo": "qwen2_moe",
+}
+_MOE_MAPPING: dict[str, dict[str, str]] = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen2_moe": {
+        "gate": "gate.weight",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+        "down_proj": "down_proj",
+    },
+}
+_MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {"gate_up_proj": ("w1", "w3")},
+    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
+}
+
+#: Module classes LoRA can wrap (peft dispatches these; bitsandbytes layers are Linear subclasses).
+_LORA_MODULE_TYPES = ("Linear", "Conv1D", "Embedding", "Linear4bit", "Linear8bitLt")
+
+
+@dataclass(frozen=True)
+class ModuleAdapter:
+    """One adapter peft would create: on a module, or on a parameter (``parameter``)."""
+
+    path: str
+    """Module path in the base model (``model.layers.0.self_attn.q_proj``)."""
+    kind: str
+    """``lora``, ``dora``, ``lora_embedding`` or ``ia3``."""
+    rank: int
+    in_features: int
+    out_features: int
+    num_experts: int = 1
+    parameter: str | None = None
+    """For ``target_parameters``: the adapted parameter's local name (``gate_up_proj``)."""
+    feedforward: bool = False
+    """IA3: scale the input (feed-forward modules) instead of the output."""
+    dora: bool = False
+    """A DoRA embedding adapter (it has a magnitude vector too)."""
+
+    @property
+    def params(self) -> int:
+        """Trainable parameters this adapter adds, exactly as peft allocates them."""
+        if self.kind == "ia3":
+            return self.in_features if self.feedforward else self.out_features
+        count = self.rank * self.num_experts * (self.in_features + self.out_features)
+        if self.kind == "dora" or self.dora:
+            count += self.out_features  # lora_magnitude_vector
+        return count
+
+    @property
+    def layer_key(self) -> str:
+        """The path with the layer index replaced by ``*``, to group identical layers."""
+        return re.sub(r"\.\d+\.", ".*.", self.path, count=1)
+
+
+@dataclass(frozen=True)
+class SavedModule:
+    """A module peft trains in full as a copy (``modules_to_save``)."""
+
+    path: str
+    params: int
+
+
+def output_head_path(inventory: Inventory) -> str | None:
+    """Path of the output embedding module (what ``get_output_embeddings()`` returns).
+
+    The last linear module that maps to the vocabulary (``lm_head``, BERT's
+    ``cls.predictions.decoder``, GPT-NeoX's ``embed_out``); tied or not.
+    """
+    vocab = inventory.dims.vocab_size
+    heads = [m.path for m in inventory.modules if m.is_linear and vocab and m.out_features == vocab]
+    if heads:
+        return heads[-1]
+    for p in inventory.parameters:
+        if p.kind == "output_head":
+            return p.module
+    return None
+
+
+def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora") -> tuple[ModuleAdapter, ...]:
+    """The adapters ``get_peft_model(model, LoraConfig(...))`` creates for ``plan``.
+
+    Raises :class:`PlanError` when a target matches nothing or matches a module
+    LoRA cannot wrap, as peft does.
+    """
+    targets: str | tuple[str, ...] = plan.targets
+    model_type = inventory.model_type or ""
+    if targets == "default":
+        if model_type not in DEFAULT_LORA_TARGETS:
+            raise PlanError(f"peft has no default LoRA targets for model type '{model_type}'; give --targets")
+        targets = DEFAULT_LORA_TARGETS[model_type]
+    rank_pattern = dict(plan.rank_pattern)
+    target_parameters = list(plan.target_parameters)
+    modules = {m.path: m for m in inventory.modules if m.path}
+    head = output_head_path(inventory)
+
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        names: str | set[str] = {p for p, m in modules.items() if m.is_linear and p != head}
+    elif isinstance(targets, str):
+        names = targets
+    else:
+        names = set(targets)
+
+    base = _MOE_BASE.get(model_type)
+    if base is not None:
+        names, target_parameters, rank_pattern = _convert_moe(
+            inventory, names, target_parameters, rank_pattern, base, plan
+        )
+
+    adapters: list[ModuleAdapter] = []
+    for path, module in modules.items():
+        if _excluded(path, plan):
+            continue
+        if not _targeted(names, path):
+            continue
+        # Subclasses of nn.Linear (Falcon's FalconLinear) are linear to peft too.
+        if not module.is_linear and module.type not in _LORA_MODULE_TYPES:
+            raise PlanError(
+                f"target '{path}' is a {module.type}; LoRA wraps Linear, Conv1D and Embedding "
+                "modules only (give the module's linear children instead)"
+            )
+        r = _rank(rank_pattern, path, plan.rank)
+        if module.type == "Embedding":
+            num, dim = _embedding_shape(inventory, path)
+            adapters.append(ModuleAdapter(path, "lora_embedding", r, num, dim, dora=kind == "dora"))
+            continue
+        in_f, out_f = module.in_features or 0, module.out_features or 0
+        adapters.append(ModuleAdapter(path, kind, r, in_f, out_f))
+
+    if target_parameters:
+        if kind == "dora":
+            raise PlanError("DoRA cannot adapt parameters directly (peft's ParamWrapper); drop target_parameters")
+        if plan.dropout > 0:
+            raise PlanError("peft's target_parameters do not support LoRA dropout; set dropout to 0")
+        adapters.extend(_param_adapters(inventory, target_parameters, rank_pattern, plan.rank))
+
+    if not adapters:
+        raise PlanError(
+            f"LoRA targets {_describe(plan.targets)} match no module of this {inventory.architecture}"
+            + (
+                f" (and target_parameters {list(plan.target_parameters)} no parameter)"
+                if plan.target_parameters
+                else ""
+            )
+        )
+    return tuple(adapters)
+
+
+def ia3_adapters(inventory: Inventory, plan: TrainingPlan) -> tuple[ModuleAdapter, ...]:
+    """IA3 scaling vectors on peft's default IA3 targets (or ``plan.targets`` when given as names)."""
+    model_type = inventory.model_type or ""
+    if plan.targets in ("default", "all-linear") or not isinstance(plan.targets, tuple):
+        if model_type not in DEFAULT_IA3_TARGETS:
+            raise PlanError(f"peft has no default IA3 targets for model type '{model_type}'; give --targets")
+        names, feedforward = DEFAULT_IA3_TARGETS[model_type]
+    else:
+        names, feedforward = plan.targets, ()
+    adapters = []
+    for module in inventory.modules:
+        if not module.path or not module.is_linear or _excluded(module.path, plan):
+            continue
+        if not _targeted(set(names), module.path):
+            continue
+        ff = _targeted(set(feedforward), module.path)
+        adapters.append(
+            ModuleAdapter(module.path, "ia3", 0, module.in_features or 0, module.out_features or 0, feedforward=ff)
+        )
+    if not adapters:
+        raise PlanError(f"IA3 targets {list(names)} match no linear module of this {inventory.architecture}")
+    return tuple(adapters)
+
+
+def saved_modules(inventory: Inventory, plan: TrainingPlan) -> tuple[SavedModule, ...]:
+    """``modules_to_save``: each matching module (``path.endswith(name)``) and its parameter count."""
+    if not plan.modules_to_save:
+        return ()
+    found: list[SavedModule] = []
+    paths = [m.path for m in inventory.modules if m.path]
+    chosen = [p for p in paths if any(p.endswith(name) for name in plan.modules_to_save)]
+    # A module inside an already chosen module is part of that copy.
+    chosen = [p for p in chosen if not any(p != q and p.startswith(q + ".") for q in chosen)]
+    for path in chosen:
+        count = sum(p.numel for p in _params_under(inventory, path))
+        found.append(SavedModule(path, count))
+    missing = [n for n in plan.modules_to_save if not any(s.path.endswith(n) for s in found)]
+    if missing:
+        raise PlanError(f"modules_to_save {missing} match no module of this {inventory.architecture}")
+    return tuple(found)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _excluded(path: str, plan: TrainingPlan) -> bool:
+    if any(path == e or path.endswith("." + e) for e in plan.exclude):
+        return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in plan.modules_to_save)
+
+
+def _targeted(names: str | set[str], path: str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return path in names or any(path.endswith("." + n) for n in names)
+
+
+def _rank(rank_pattern: Mapping[str, int], key: str, default: int) -> int:
+    for pattern, rank in rank_pattern.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return rank
+    return default
+
+
+def _embedding_shape(inventory: Inventory, path: str) -> tuple[int, int]:
+    for p in inventory.parameters:
+        if p.module == path or any(n.rpartition(".")[0] == path for n in p.tied_with):
+            return p.shape[0], p.shape[1]
+    raise PlanError(f"embedding '{path}' has no weight")
+
+
+def _params_under(inventory: Inventory, path: str) -> Iterable[ParameterRecord]:
+    for p in inventory.parameters:
+        names = (p.name, *p.tied_with)
+        if any(n.startswith(path + ".") for n in names):
+            yield p
+
+
+def _param_adapters(
+    inventory: Inventory, target_parameters: list[str], rank_pattern: Mapping[str, int], rank: int
+) -> list[ModuleAdapter]:
+    adapters = []
+    targets = sorted(set(target_parameters))
+    for p in inventory.parameters:
+        key = p.name
+        if not (key in targets or any(key.endswith("." + t) for t in targets)):
+            continue
+        r = _rank(rank_pattern, key, rank)
+        if len(p.shape) == 3:
+            experts, a, b = p.shape
+        elif len(p.shape) == 2:
+            experts, a, b = 1, p.shape[1], p.shape[0]
+        else:
+            raise PlanError(f"target parameter '{key}' has {len(p.shape)} dimensions; peft adapts 2-D and 3-D ones")
+        adapters.append(ModuleAdapter(p.module, "lora", r, a, b, num_experts=experts, parameter=key.rpartition(".")[2]))
+    return adapters
+
+
+def _leaf_names(inventory: Inventory, names: str | set[str]) -> set[str]:
+    """Resolve a regex or a set of paths to the leaf names it matches (peft's MoE conversion)."""
+    if isinstance(names, str):
+        keys = [m.path for m in inventory.modules if m.path] + [p.name for p in inventory.parameters]
+        return {k.rpartition(".")[2] for k in keys if re.fullmatch(names, k)}
+    return {n.rpartition(".")[2] for n in names}
+
+
+def _convert_moe(
+    inventory: Inventory,
+    names: str | set[str],
+    target_parameters: list[str],
+    rank_pattern: dict[str, int],
+    base: str,
+    plan: TrainingPlan,
+) -> tuple[str | set[str], list[str], dict[str, int]]:
+    mapping = _MOE_MAPPING[base]
+    fused = _MOE_FUSED[base]
+    if isinstance(names, str):
+        resolved = _leaf_names(inventory, names)
+        # Probe the pre-fusion names inside the fused parameters' containers.
+        containers: dict[str, set[str]] = {}
+        for p in inventory.parameters:
+            container, _, leaf = p.name.rpartition(".")
+            containers.setdefault(leaf, set()).add(container)
+        for old, new in mapping.items():
+            if old in resolved:
+                continue
+            if any(re.fullmatch(names, f"{c}.{old}") for c in containers.get(new, ())):
+                resolved.add(old)
+        if not resolved:
+            return names, target_parameters, rank_pattern
+        name_set = resolved
+    elif plan.targets == "all-linear":
+        name_set = _leaf_names(inventory, names) | set(mapping)
+    else:
+        name_set = set(names)
+
+    new_params = set(target_parameters)
+    remaining: set[str] = set()
+    matched: dict[str, set[str]] = {n: set() for n in fused}
+    for target in name_set:
+        hit = next(((old, new) for old, new in mapping.items() if target == old or target.endswith("." + old)), None)
+        if hit is None:
+            remaining.add(target)
+            continue
+        new_params.add(hit[1])
+        if hit[1] in fused:
+            matched[hit[1]].add(hit[0])
+    for new, required in fused.items():
+        present = matched.get(new, set())
+        if 0 < len(present) < len(required):
+            missing = ", ".join(sorted(set(required) - present))
+            raise PlanError(
+                f"peft cannot adapt {', '.join(sorted(present))} without {missing}: both are fused into {new}"
+            )
+        if len(present) == len(required) > 1:
+            rank_pattern = {**rank_pattern, rf".*\.{re.escape(new)}": plan.rank * len(required)}
+    return remaining, sorted(new_params), rank_pattern
+
+
+def _describe(targets: str | tuple[str, ...]) -> str:
+    return repr(targets) if isinstance(targets, str) else repr(list(targets))
+
+
+def module_by_path(inventory: Inventory) -> dict[str, ModuleRecord]:
+    """Module records keyed by path (root excluded)."""
+    return {m.path: m for m in inventory.modules if m.path}
