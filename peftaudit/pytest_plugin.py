@@ -362,20 +362,26 @@ def pytest_runtest_makereport(
 
 
 def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, right: object) -> list[str] | None:
-    """Explain ``==`` comparisons involving a peftaudit verdict; ``None`` for everything else."""
+    """Explain ``==`` comparisons involving a peftaudit verdict; ``None`` for everything else.
+
+    pytest keeps about 640 characters of an explanation unless ``-vv`` is given,
+    so the default lines are short (problem and tensor); ``-v`` gives each
+    finding's full line, and the failure report's section has them all.
+    """
     from peftaudit.verify import Verdict
 
     ours = [x for x in (left, right) if isinstance(x, ChangeCheck | Verdict)]
     if op not in ("==", "!=") or not ours:
         return None
     verdict = ours[0].verdict if isinstance(ours[0], ChangeCheck) else ours[0]
-    limit = 1000 if config.get_verbosity() > 0 else 5
-    lines = [
-        f"peftaudit verification {'passed' if verdict.ok else 'failed'}",
-        *verdict.explain(limit=limit).splitlines(),
-    ]
-    if config.get_verbosity() <= 0 and len(verdict.findings) > 5:
-        lines.append("(use -v for every finding)")
+    ranked = [*verdict.failures, *verdict.warnings]
+    lines = [f"peftaudit verification {'passed' if verdict.ok else 'failed'}: {verdict.summary()}"]
+    if config.get_verbosity() > 0:
+        lines += [f"  {f.line()}" for f in ranked]
+    else:
+        lines += [f"  {f.problem.value}: {f.name}" for f in ranked[:4]]
+        if len(ranked) > 4:
+            lines.append(f"  ... and {len(ranked) - 4} more (see the peftaudit verification section)")
     return lines
 
 

@@ -209,6 +209,14 @@ def test_cli_gpus_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert plot.read_text().startswith("<svg") and "H100 SXM" in plot.read_text()
 
 
+def test_png_chart(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sizing.png"
+    assert main(["gpus", "Qwen/Qwen2.5-0.5B", "--gpu", "T4", "--compare", "full,qlora", "--plot", str(plot)]) == 0
+    data = plot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
 def test_cli_fit_and_plan(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fit", "meta-llama/Llama-3.1-8B", "--gpu", "RTX4090", "--method", "lora", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]

@@ -255,3 +255,27 @@ def test_fits_marker_passes_and_fails_with_the_numbers(suite: pytest.Pytester) -
     )
     result.stdout.fnmatch_lines(["*@pytest.mark.peftaudit(fits=...): unknown GPU 'H1000'*"])
     result.stdout.fnmatch_lines(["fit     * qlora (r=16) batch 1 x seq 1,024 on 1x H100 SXM: fits  *"])
+
+
+def test_comparisons_of_verdicts_are_explained(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        """
+        import torch
+
+        def test_compare(peft_model, param_snapshot, train_a_few_steps):
+            before = param_snapshot(peft_model)
+            train_a_few_steps(peft_model)
+            with torch.no_grad():
+                peft_model.base_model.model.model.norm.weight.add_(1.0)
+            assert before.only_intended_changed(peft_model) == True
+        """
+    )
+    result = suite.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E*assert peftaudit verification failed: FAIL: * tensors compared, 9 changed, 8/8 intended changed, "
+            "1 failure",
+            "E*unexpected-change: base_model.model.model.norm.weight",
+        ]
+    )
