@@ -108,8 +108,8 @@ def _layers(console: Console, report: Report) -> None:
 
     repeated = any(row.repeat > 1 for row in report.layers)
     table = Table(title="Parameters per layer", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("Layer", overflow="fold", ratio=3)
-    table.add_column("Type", overflow="fold", ratio=2)
+    table.add_column("Layer", overflow="fold")
+    table.add_column("Type", overflow="fold")
     table.add_column("Weights", justify="right", no_wrap=True)
     table.add_column("Biases", justify="right", no_wrap=True)
     if repeated:
