@@ -25,6 +25,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.architecture import ArchitectureRule
+    from peftaudit.gpus.catalog import GPU
     from peftaudit.memory.methods import Method
     from peftaudit.recommend.checks import Check
     from peftaudit.recommend.exports import Exporter
@@ -95,4 +96,14 @@ def peftaudit_register_exporters(register: Callable[[Exporter], None]) -> None:
     returning a :class:`~peftaudit.recommend.exports.Export`: the file text,
     the LoRA plan the consumer will actually build from it, and warnings for
     what the format cannot say. A plugin's exporter replaces a built-in of the same name.
+    """
+
+
+@hookspec
+def peftaudit_register_gpus(register: Callable[[GPU], None]) -> None:
+    """Register accelerators for sizing: :class:`~peftaudit.gpus.catalog.GPU` objects.
+
+    A plugin's GPU replaces a bundled GPU of the same name; the user's GPU file
+    (``$PEFTAUDIT_GPUS_FILE``) still overrides both. Set ``origin`` to the
+    plugin's name so ``peftaudit gpus`` says where each entry came from.
     """

@@ -379,7 +379,8 @@ def _kind(local: str, param: Any, owner: Any, role: str | None, is_output_head: 
         return "output_head"
     if role == ModuleRole.NORM or "Norm" in owner_type:
         return "norm"
-    if role == ModuleRole.EXPERTS or param.dim() >= 3:
+    # Fused MoE experts are 3-D (experts, out, in); convolution kernels are too, and are plain weights.
+    if role == ModuleRole.EXPERTS or (param.dim() >= 3 and "Conv" not in owner_type):
         return "experts"
     if role == ModuleRole.ROUTER or "Router" in owner_type:
         return "router"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,6 +20,7 @@ from peftaudit.errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.architecture import ArchitectureRules
+    from peftaudit.gpus.catalog import GPU
     from peftaudit.memory.methods import Method
     from peftaudit.recommend.checks import Check
     from peftaudit.recommend.exports import Exporter
@@ -139,8 +141,18 @@ def exporters() -> dict[str, Exporter]:
     return {e.name: e for e in reversed(_collect("peftaudit_register_exporters"))}
 
 
+@functools.cache
+def gpus_from_plugins() -> tuple[GPU, ...]:
+    """GPUs registered by plugins, in registration order (a later one of the same name wins in the catalog)."""
+    return tuple(reversed(_collect("peftaudit_register_gpus")))
+
+
 def _clear_collections() -> None:
     sources.cache_clear()
+    gpus_from_plugins.cache_clear()
+    catalog = sys.modules.get("peftaudit.gpus.catalog")  # only if loaded: importing it here would be wasted work
+    if catalog is not None:
+        catalog.reset()  # the GPU catalog caches what gpus_from_plugins() returned
     architecture_rules.cache_clear()
     renderers.cache_clear()
     memory_methods.cache_clear()

@@ -110,3 +110,14 @@ def test_dims_from_config() -> None:
     dims = inventory.dims
     assert (dims.hidden_size, dims.num_layers, dims.num_attention_heads) == (64, 2, 4)
     assert (dims.num_key_value_heads, dims.head_dim, dims.vocab_size) == (1, 16, 96)
+
+
+def test_convolution_kernels_are_weights_not_experts() -> None:
+    import torch
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv1d(8, 8, 5))
+    kinds = take_inventory(model, config={}).by_kind()
+    assert kinds["experts"] == 0
+    assert kinds["weight"] == 8 * 3 * 3 * 3 + 8 * 8 * 5
+    assert kinds["bias"] == 16
