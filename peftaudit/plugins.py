@@ -1,7 +1,8 @@
 """The plugin manager: built-in plugins first, then the ``peftaudit`` entry points.
 
-Collected registrations (sources, rules, renderers) are cached per process;
-:func:`reset` clears them, which tests use after registering a plugin.
+What plugins register (sources, rules, renderers, methods, checks, exporters,
+GPUs) is collected once per process; :func:`register_plugin` and :func:`reset`
+clear the collections.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -39,9 +40,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 
 ENTRY_POINT_GROUP = "peftaudit"
 DISABLE_AUTOLOAD_ENV = "PEFTAUDIT_DISABLE_PLUGIN_AUTOLOAD"
-
-T = TypeVar("T")
-
 
 @functools.cache
 def get_plugin_manager() -> pluggy.PluginManager:

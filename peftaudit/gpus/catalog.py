@@ -25,7 +25,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -182,17 +182,12 @@ def _lookup(catalog: Mapping[str, GPU], name: str) -> GPU | None:
     return None
 
 
-def _collect_plugin_gpus() -> list[GPU]:
-    from peftaudit import plugins
-
-    collect: Callable[[], list[GPU]] | None = getattr(plugins, "gpus_from_plugins", None)
-    return collect() if collect is not None else []
-
-
 @functools.cache
 def _catalog() -> dict[str, GPU]:
     catalog = {_key(g.name): g for g in bundled_gpus()}
-    for gpu in _collect_plugin_gpus():
+    from peftaudit.plugins import gpus_from_plugins
+
+    for gpu in gpus_from_plugins():
         catalog[_key(gpu.name)] = gpu
     return apply_user_file(catalog, user_file())
 
