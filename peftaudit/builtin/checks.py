@@ -345,7 +345,8 @@ def tokens(ctx: CheckContext) -> Iterator[Finding]:
                 f"train the new rows ({', '.join(p for p in (embed, head) if p)} in modules_to_save)",
                 modules=tuple(p for p in (embed, head) if p),
             )
-    if facts.config and facts.token_id("pad_token_id") is None:
+    # Only models that read tokens have a pad token to miss (not a diffusion UNet, say).
+    if facts.config and ctx.inventory.dims.vocab_size and facts.token_id("pad_token_id") is None:
         classification = ctx.task == "classification"
         eos = facts.token_id("eos_token_id")
         yield Finding(

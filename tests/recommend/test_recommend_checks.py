@@ -287,3 +287,19 @@ def test_facts_read_from_the_config() -> None:
     assert facts.token_id("eos_token_id") == [1, 2]
     assert facts.token_id("pad_token_id") == 0
     assert facts.token_id("bos_token_id") is None
+
+
+def test_models_without_tokens_have_no_pad_token_to_miss() -> None:
+    from transformers import ViTConfig, ViTModel
+
+    from peftaudit.sources.build import build_from_config
+
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128).to_dict()
+    config["architectures"] = [ViTModel.__name__]
+    model = build_from_config(config, model_id="tiny-vit")
+    ctx = CheckContext(inventory=take_inventory(model), facts=model_facts(model, model_id="tiny-vit"))
+    assert "tokens.no-pad" not in {f.id for f in run_checks(ctx)}
+    # A text model without a pad token still gets the finding.
+    llama = rt.build("llama")
+    text_ctx = CheckContext(inventory=take_inventory(llama), facts=model_facts(llama, model_id="tiny-llama"))
+    assert ("tokens.no-pad" in {f.id for f in run_checks(text_ctx)}) is (llama.config.pad_token_id is None)
