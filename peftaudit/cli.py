@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Libraries we import log their own set-up chatter (bitsandbytes' CPU kernels, say) to stderr.
+    for name in ("bitsandbytes", "diffusers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -177,6 +177,16 @@ def test_run_cost_scales_with_gpus_mfu_and_price() -> None:
     assert one.seconds == pytest.approx(one.total_flops / (989e12 * 0.4))
 
 
+def test_a_gpu_without_bf16_points_to_fp16() -> None:
+    from peftaudit.errors import PeftauditError
+
+    inv, t4 = inventory("meta-llama/Llama-3.2-1B"), find_gpu("T4")
+    with pytest.raises(PeftauditError, match=r"T4 has no published dense bf16 throughput.*--precision fp16-mixed"):
+        run_cost(inv, TrainingPlan(), t4, tokens=1000)
+    cost = run_cost(inv, TrainingPlan(precision="fp16-mixed"), t4, tokens=1000)
+    assert cost.dtype == "fp16" and cost.peak_tflops == 65
+
+
 def test_no_throughput_no_time() -> None:
     from peftaudit.errors import PeftauditError
 

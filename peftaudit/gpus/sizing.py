@@ -282,10 +282,12 @@ def run_cost(
     dtype = _compute_dtype(plan)
     tflops = gpu.dense_tflops(dtype)
     if tflops is None:
-        raise PeftauditError(
-            f"{gpu.name} has no published dense {dtype} throughput in the catalog; "
-            "add `tflops` for it in your GPU file to get time estimates"
+        hint = (
+            "it runs fp16: use --precision fp16-mixed"
+            if dtype == "bf16" and gpu.dense_tflops("fp16")
+            else "add `tflops` for it in your GPU file to get time estimates"
         )
+        raise PeftauditError(f"{gpu.name} has no published dense {dtype} throughput in the catalog; {hint}")
     per_token = training_flops_per_token(inventory, plan)
     total = per_token * tokens
     seconds = total / (plan.gpus * tflops * 1e12 * mfu)
