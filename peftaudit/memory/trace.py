@@ -305,6 +305,10 @@ def _autocast_mode() -> Any:
         torch.addmm,
         torch.Tensor.addmm,
         torch.addbmm,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.conv_transpose2d,
     }
     for name in ("grouped_mm",):
         if hasattr(F, name):
@@ -644,7 +648,10 @@ def _prepare_model(
             if name not in adaptation.trainable:
                 p.data = p.data.to(base)
     if plan.gradient_checkpointing and plan.training:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:  # diffusers models (non-reentrant by default)
+            model.enable_gradient_checkpointing()
         _emulate_autocast_in_recompute(model)
     model = _apply_method(model, plan, adaptation)
     return model, extras, notes
@@ -819,15 +826,23 @@ def _bnb_optimizer(name: str, params: list[Any]) -> tuple[Any, Callable[[], None
     return opt, step
 
 
-def run_trace(model: Any, plan: TrainingPlan, *, steps: int = 2) -> TraceResult:
-    """The trace itself (see :func:`trace`), returning the raw result."""
+def run_trace(
+    model: Any, plan: TrainingPlan, *, steps: int = 2, loss_fn: Callable[[Any], Any] | None = None
+) -> TraceResult:
+    """The trace itself (see :func:`trace`), returning the raw result.
+
+    ``loss_fn(model)`` replaces the language-model step (token ids in, ``.loss`` out) for models
+    that take other inputs: it builds its inputs (under fake tensors) and returns the loss.
+    """
 
     started = time.perf_counter()
     with _quiet():
-        return _run(model, plan, steps, started)
+        return _run(model, plan, steps, started, loss_fn)
 
 
-def _run(model: Any, plan: TrainingPlan, steps: int, started: float) -> TraceResult:
+def _run(
+    model: Any, plan: TrainingPlan, steps: int, started: float, loss_fn: Callable[[Any], Any] | None = None
+) -> TraceResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -851,7 +866,7 @@ def _run(model: Any, plan: TrainingPlan, steps: int, started: float) -> TraceRes
             p.register_post_accumulate_grad_hook(lambda q: tracker.retag(q.grad.untyped_storage(), "gradients"))
         )
     model.train(plan.training)
-    vocab_inputs = _inputs_factory(model, plan)
+    vocab_inputs = _inputs_factory(model, plan) if loss_fn is None else dict
     per_layer: tuple[int, ...] = ()
     with mode, _patched(plan):
         for p in _unique_params(model):
@@ -870,7 +885,7 @@ def _run(model: Any, plan: TrainingPlan, steps: int, started: float) -> TraceRes
                     tracker.phase, tracker.category = "forward", "activations"
                     _AUTOCAST["enabled"] = plan.autocast
                     if plan.training:
-                        loss = model(**inputs).loss
+                        loss = loss_fn(model) if loss_fn is not None else model(**inputs).loss
                     else:
                         with torch.no_grad():
                             model(**inputs)
