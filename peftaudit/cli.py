@@ -6,7 +6,8 @@ nothing heavy at module level, so ``peftaudit --help`` and ``--version`` never
 import torch or transformers.
 
 Exit codes: 0 success, 1 findings at or above ``--fail-on``, 2 usage or input
-error (one line on stderr, never a traceback).
+error (one line on stderr, never a traceback), 3 an internal error (a bug; one
+line too, the traceback with ``PEFTAUDIT_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ COMMANDS: tuple[str, ...] = (
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,6 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:  # a bug in peftaudit or a library: still one line, unless debugging
+        if os.environ.get("PEFTAUDIT_DEBUG"):
+            raise
+        sys.stderr.write(
+            f"peftaudit: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+            "(a bug: PEFTAUDIT_DEBUG=1 shows the traceback)\n"
+        )
+        return EXIT_INTERNAL
     return code
 
 

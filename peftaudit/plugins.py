@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 ENTRY_POINT_GROUP = "peftaudit"
 DISABLE_AUTOLOAD_ENV = "PEFTAUDIT_DISABLE_PLUGIN_AUTOLOAD"
 
+
 @functools.cache
 def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager with built-ins and (unless disabled) entry points."""

@@ -166,3 +166,27 @@ def test_plugins_lists_builtins_and_their_hooks(capsys: pytest.CaptureFixture[st
     rows = {r["name"]: r["hooks"] for r in json.loads(capsys.readouterr().out)}
     assert rows["peftaudit.builtin.sources"] == ["peftaudit_register_sources"]
     assert "peftaudit_register_renderers" in rows["peftaudit.builtin.renderers"]
+
+
+def test_an_internal_error_is_one_line_exit_3_unless_debugging(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import peftaudit.commands.catalog as catalog_command
+
+    def broken(args: object) -> int:
+        raise RuntimeError("something\nwent wrong")
+
+    monkeypatch.setattr(catalog_command, "run", broken)
+    assert main(["catalog"]) == 3
+    err = capsys.readouterr().err
+    expected = "RuntimeError: something went wrong (a bug: PEFTAUDIT_DEBUG=1 shows the traceback)"
+    assert err == f"peftaudit: internal error: {expected}\n"
+    monkeypatch.setenv("PEFTAUDIT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="went wrong"):
+        main(["catalog"])
+
+
+@pytest.mark.parametrize("command", ["catalog", "plugins", "gpus"])
+def test_table_or_json_commands_refuse_other_formats(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--format", "markdown"]) == 2
+    assert capsys.readouterr().err == f"peftaudit: error: {command} supports --format table or json, not 'markdown'\n"

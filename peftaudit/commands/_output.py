@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 
+from peftaudit.errors import PeftauditError
+
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """``--format``, ``--json``, ``--output`` and ``--width``, the same on every command."""
@@ -26,6 +28,14 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         help="write to FILE (atomically: complete or not at all) instead of stdout",
     )
     group.add_argument("--width", type=_positive_int, metavar="COLUMNS", help="terminal width for tables")
+
+
+def table_or_json(args: argparse.Namespace, command: str) -> str:
+    """The ``--format`` of a command that prints only a table or JSON (``table`` by default)."""
+    fmt: str = args.format or "table"
+    if fmt not in ("table", "json"):
+        raise PeftauditError(f"{command} supports --format table or json, not '{fmt}'")
+    return fmt
 
 
 def use_color(args: argparse.Namespace) -> bool:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from peftaudit.commands._output import add_output_arguments, emit, use_color, width
+from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
 
 
 def add_parser(sub: Any) -> None:
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.family and not chosen:
         families = sorted({e.family for e in entries()})
         raise PeftauditError(f"no catalog family '{args.family}'; families: {', '.join(families)}")
-    fmt = args.format or "table"
+    fmt = table_or_json(args, "catalog")
     if fmt == "json":
         rows = [
             {
@@ -43,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
         ]
         emit(json.dumps(rows, indent=2) + "\n", args)
         return 0
-    if fmt != "table":
-        raise PeftauditError(f"catalog supports --format table or json, not '{fmt}'")
     emit(_table(chosen, args), args)
     return 0
 

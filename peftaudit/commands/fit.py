@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from peftaudit.commands._model import add_model_arguments, load_inventory
-from peftaudit.commands._output import add_output_arguments, emit, use_color, width
+from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
 
 
 def add_parser(sub: Any) -> None:
@@ -30,13 +30,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftaudit.commands.gpus import plans_for
-    from peftaudit.errors import PeftauditError
     from peftaudit.gpus import find_gpu, render
     from peftaudit.gpus.sizing import SEQ_STEP, fit, max_batch_size, max_seq_len
 
-    fmt = args.format or "table"
-    if fmt not in ("table", "json"):
-        raise PeftauditError(f"fit supports --format table or json, not '{fmt}'")
+    fmt = table_or_json(args, "fit")
     gpu = find_gpu(args.gpu)
     resolved, inventory = load_inventory(args)
     results: list[dict[str, Any]] = []

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from peftaudit.commands._model import add_model_arguments, load_inventory
-from peftaudit.commands._output import add_output_arguments, emit, use_color, width
+from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
 
 #: Sequence lengths for the chart, cut at the model's context.
 CHART_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -55,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from peftaudit.errors import PeftauditError
     from peftaudit.gpus import render
 
-    fmt = args.format or "table"
-    if fmt not in ("table", "json"):
-        raise PeftauditError(f"gpus supports --format table or json, not '{fmt}'")
+    fmt = table_or_json(args, "gpus")
     gpus = selected_gpus(args.gpu)
     out, buffer = render.console(width(args), use_color(args))
     if args.model is None:

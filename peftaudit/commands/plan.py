@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from peftaudit.commands._model import add_model_arguments, load_inventory
-from peftaudit.commands._output import add_output_arguments, emit, use_color, width
+from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
 
 
 def add_parser(sub: Any) -> None:
@@ -40,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from peftaudit.gpus.sizing import fit, run_cost, smallest_setup
     from peftaudit.units import parse_tokens
 
-    fmt = args.format or "table"
-    if fmt not in ("table", "json"):
-        raise PeftauditError(f"plan supports --format table or json, not '{fmt}'")
+    fmt = table_or_json(args, "plan")
     tokens = parse_tokens(args.tokens)
     if args.price is not None and args.price < 0:
         raise PeftauditError(f"--price must not be negative, got {args.price}")

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from peftaudit.commands._output import add_output_arguments, emit
+from peftaudit.commands._output import add_output_arguments, emit, table_or_json
 
 
 def add_parser(sub: Any) -> None:
@@ -23,19 +23,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftaudit.errors import PeftauditError
     from peftaudit.plugins import describe
 
     rows = describe()
-    fmt = args.format or "table"
+    fmt = table_or_json(args, "plugins")
     if fmt == "json":
         emit(json.dumps([{"name": n, "hooks": h} for n, h in rows], indent=2) + "\n", args)
-    elif fmt == "table":
+    else:
         lines = []
         for name, hooks in rows:
             lines.append(name)
             lines += [f"  {hook}" for hook in hooks]
         emit("\n".join(lines) + "\n", args)
-    else:
-        raise PeftauditError(f"plugins supports --format table or json, not '{fmt}'")
     return 0
