@@ -10,6 +10,7 @@ tensor), never the weights. Every rank must call in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 import torch
@@ -79,18 +80,8 @@ def distributed_snapshot(
     out = []
     for name, tensor in named:
         base = whole[named[first_index[id(tensor)]][0]]
-        out.append(
-            TensorFingerprint(
-                name=name,
-                dtype=base.dtype,
-                shape=base.shape,
-                digest=base.digest,
-                nonfinite=base.nonfinite,
-                sample=base.sample,
-                trainable=flags.get(name),
-                layout=base.layout,
-            )
-        )
+        # Every name of a shared tensor gets its fingerprint; only the name and trainability differ.
+        out.append(dataclasses.replace(base, name=name, trainable=flags.get(name)))
     return Snapshot(
         tensors=tuple(out),
         source=f"{type(model).__name__} (live, {world} ranks)",

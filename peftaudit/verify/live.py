@@ -7,6 +7,7 @@ bounded chunk at a time, so the host never holds more than a chunk per thread.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -138,17 +139,8 @@ def fingerprint_tensors(
     out = []
     for name, tensor in tensors:
         base = first[by_id[id(tensor)]]
-        out.append(
-            TensorFingerprint(
-                name=name,
-                dtype=base.dtype,
-                shape=base.shape,
-                digest=base.digest,
-                nonfinite=base.nonfinite,
-                sample=base.sample,
-                trainable=None if trainable is None else trainable.get(name),
-            )
-        )
+        # Every name of a shared tensor gets its fingerprint; only the name and trainability differ.
+        out.append(dataclasses.replace(base, name=name, trainable=None if trainable is None else trainable.get(name)))
     return tuple(out), values
 
 

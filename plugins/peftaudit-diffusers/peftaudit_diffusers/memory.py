@@ -218,9 +218,7 @@ def trace_image_training(
 
     result = run_trace(model, plan, steps=steps, loss_fn=loss_fn)
     comps = dict(result.components)
-    allocated = sum(comps.values())
-    comps["cuda_context"] = int(plan.cuda_context_bytes)
-    comps["allocator_margin"] = round(allocated * plan.allocator_fraction)
+    comps = _with_overheads(comps, plan)
     return ImageMemoryEstimate(
         model=_spec_name(spec),
         method=plan.method,
@@ -361,9 +359,7 @@ def estimate_image_training(
         "gradients": static.gradients if activations < step else 0,
         "temporaries": static.step_scratch if activations < step else 0,
     }
-    allocated = sum(comps.values())
-    comps["cuda_context"] = int(plan.cuda_context_bytes)
-    comps["allocator_margin"] = round(allocated * plan.allocator_fraction)
+    comps = _with_overheads(comps, plan)
     return ImageMemoryEstimate(
         model=cal.model,
         method=plan.method,
@@ -377,6 +373,16 @@ def estimate_image_training(
         calibration=f"activations fitted to the fake-tensor trace at {_points()} (LoRA, bf16 autocast)",
         plan=plan.to_dict(),
     )
+
+
+def _with_overheads(comps: dict[str, int], plan: Any) -> dict[str, int]:
+    """Add the CUDA context and the allocator margin, the same two fixed costs the core estimate adds."""
+    allocated = sum(comps.values())
+    return {
+        **comps,
+        "cuda_context": int(plan.cuda_context_bytes),
+        "allocator_margin": round(allocated * plan.allocator_fraction),
+    }
 
 
 def _points() -> str:
