@@ -2,8 +2,9 @@
 
 Keyed by the exact config, the source, peftaudit's and transformers' versions
 (read from package metadata, not by importing transformers) and the build
-options. Entries are JSON written atomically; a corrupt entry is ignored and
-rebuilt. ``PEFTAUDIT_CACHE_DIR`` moves the cache; ``PEFTAUDIT_NO_CACHE=1``
+options. Entries are JSON written atomically; an entry that cannot be read back
+as a report (truncated, ``null``, the wrong shape) is a miss, rebuilt and
+overwritten. ``PEFTAUDIT_CACHE_DIR`` moves the cache; ``PEFTAUDIT_NO_CACHE=1``
 turns it off.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peftaudit._version import __version__
+from peftaudit.render.json import dumps
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.report import Report
@@ -55,12 +57,16 @@ def load(key: str) -> Report | None:
     from peftaudit.report import SCHEMA_VERSION, Report
 
     path = cache_dir() / f"{key}.json"
+    if not path.is_file():  # absent, or a FIFO or device that reading could block on
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("schema_version") != SCHEMA_VERSION:
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             return None
         return Report.from_dict(data)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # any entry we cannot read back is a miss, rebuilt and overwritten
+        # A truncated file, ``null``, ``[]``, a field of the wrong type: the cache only saves
+        # time, so nothing in it may turn a good report into an error.
         return None
 
 
@@ -72,7 +78,7 @@ def store(key: str, report: Report) -> None:
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{key}.json", json.dumps(report.to_dict(), separators=(",", ":")))
+        write_atomic(folder / f"{key}.json", dumps(report.to_dict(), compact=True))
     except (OSError, PeftauditError):
         pass  # a cache that cannot be written is skipped: the report itself is unaffected
 

@@ -7,7 +7,11 @@ import torch or transformers.
 
 Exit codes: 0 success, 1 findings at or above ``--fail-on``, 2 usage or input
 error (one line on stderr, never a traceback), 3 an internal error (a bug; one
-line too, the traceback with ``PEFTAUDIT_DEBUG=1``).
+line too, the traceback with ``PEFTAUDIT_DEBUG=1``). Output that cannot be
+written (stdout on a full disk or ``/dev/full``) is exit 2 with one line too:
+1 would read as "findings". A reader that closes the pipe early (``| head``)
+is not an error. Libraries' Python warnings are not shown (our own notes are
+``peftaudit: note:`` lines); ``PEFTAUDIT_DEBUG=1`` shows them.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from peftaudit._version import __version__
+from peftaudit.commands._output import silence_stdout, stdout_failed
 from peftaudit.errors import PeftauditError
 
 #: Subcommand modules under ``peftaudit.commands``, in the order ``--help`` lists them.
@@ -39,6 +46,7 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +55,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"peftaudit: error: {message}\n")
         sys.exit(EXIT_USAGE)
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # argparse ignores a failed write, so `--help > /dev/full` would print nothing and exit 0: let it raise.
+        if message:
+            (file or sys.stderr).write(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,13 +82,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except OSError as exc:  # --help or --version could not be printed
+        raise SystemExit(_write_failed(exc)) from None
+    except SystemExit as exc:  # --help and --version exit from inside argparse: flush before leaving
+        failed = _flush_stdout(quiet=bool(exc.code))
+        if failed is not None and not exc.code:
+            raise SystemExit(failed) from None
+        raise
     # Libraries we import log their own set-up chatter (bitsandbytes' CPU kernels, say) to stderr.
     for name in ("bitsandbytes", "diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
+        try:
+            parser.print_help()
+        except OSError as exc:
+            return _write_failed(exc)
+        return _flush_stdout() or EXIT_USAGE
+    with warnings.catch_warnings():
+        # ... and warn through Python's warnings (torch.load's pickle-protocol UserWarning, say):
+        # stderr holds our own lines only, so an error stays one line.
+        if not os.environ.get("PEFTAUDIT_DEBUG"):
+            warnings.simplefilter("ignore")
+        code = _run(args)
+    # After an error (its line is out already), a failed flush adds no second line and keeps the code.
+    said = code in (EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED)
+    failed = _flush_stdout(quiet=said)
+    return code if failed is None or said else failed
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code: int = args.run(args)
     except PeftauditError as exc:
@@ -83,11 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("peftaudit: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `peftaudit report ... | head` closed stdout early: not an error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        silence_stdout()
         return EXIT_OK
     except Exception as exc:  # a bug in peftaudit or a library: still one line, unless debugging
         if os.environ.get("PEFTAUDIT_DEBUG"):
@@ -98,6 +134,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERNAL
     return code
+
+
+def _flush_stdout(*, quiet: bool = False) -> int | None:
+    """Flush stdout now, so a failed write is one line and exit 2 here, not a traceback at exit.
+
+    Returns the exit code for a failed write (``None``: written, or the reader left like ``| head``).
+    """
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        code = _write_failed(exc, quiet=quiet)
+        return None if code == EXIT_OK else code
+    return None
+
+
+def _write_failed(exc: OSError, *, quiet: bool = False) -> int:
+    """The exit code for output that could not be written: 0 for a closed pipe (``| head``), else 2 and one line."""
+    if isinstance(exc, BrokenPipeError):
+        silence_stdout()
+        return EXIT_OK
+    error = stdout_failed(exc)
+    if not quiet:
+        sys.stderr.write(f"peftaudit: error: {error}\n")
+    return EXIT_USAGE
 
 
 def _one_line(message: str) -> str:

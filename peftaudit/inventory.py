@@ -149,6 +149,9 @@ class Inventory:
     tied_groups: tuple[TiedGroup, ...]
     dims: ModelDims = field(default_factory=ModelDims)
     moe: MoeInfo | None = None
+    quantization_config: Any = field(default=None, compare=False, repr=False)
+    """The config's ``quantization_config`` as published (pre-quantized checkpoints), else ``None``.
+    Counts stay logical; :mod:`peftaudit.memory.quantized` reads the storage it implies."""
 
     @property
     def total(self) -> int:
@@ -287,6 +290,7 @@ def take_inventory(
         modules=modules,
         tied_groups=tuple(tied),
         dims=_dims(config or {}),
+        quantization_config=_quantization_config(config or {}),
     )
     moe = _moe_info(inventory, config or {})
     if moe is not None:
@@ -436,6 +440,14 @@ def _is_linear(mod: Any) -> bool:
     if isinstance(mod, torch.nn.Linear):
         return True
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "weight") and mod.weight.dim() == 2
+
+
+def _quantization_config(config: Mapping[str, Any]) -> Any:
+    # The dict config.json holds, or a quantizer's config object (live models) as a dict. The
+    # memory estimator validates it, so a value that is not a mapping is kept for it to refuse.
+    value = config.get("quantization_config")
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else value
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 pytest_plugins = ["pytester"]
 
 # No test touches the network: the hub client answers from its cache or fails fast.
@@ -13,3 +15,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Third-party plugins installed in the developer's environment must not change results.
 os.environ["PEFTAUDIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 os.environ.setdefault("NO_COLOR", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="rewrite the golden files under tests/golden/ with today's output (review the diff)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--update-golden", default=False):
+        os.environ["PEFTAUDIT_UPDATE_GOLDEN"] = "1"

@@ -1,4 +1,4 @@
-"""Golden-file comparison: ``PEFTAUDIT_UPDATE_GOLDEN=1 pytest`` rewrites the files."""
+"""Golden-file comparison: ``./dev test --update-golden`` (or ``PEFTAUDIT_UPDATE_GOLDEN=1``) rewrites the files."""
 
 from __future__ import annotations
 
@@ -14,4 +14,4 @@ def assert_matches_golden(text: str, name: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     expected = path.read_text(encoding="utf-8")
-    assert text == expected, f"{name} differs from the golden file (PEFTAUDIT_UPDATE_GOLDEN=1 to accept)"
+    assert text == expected, f"{name} differs from the golden file (--update-golden to accept)"

@@ -116,6 +116,25 @@ def test_checkpointing_is_tried_before_more_gpus() -> None:
     assert best.setup() == "1x + grad. ckpt"
 
 
+def test_plan_costs_the_setup_it_chose() -> None:
+    """Issue 11 item 14: a setup that switched checkpointing on pays for the recompute."""
+    inv, gpu = inventory("meta-llama/Llama-3.1-8B"), find_gpu("RTX 4090")
+    plan = TrainingPlan(method="lora")
+    chosen = smallest_setup(inv, plan, gpu)
+    assert chosen.gradient_checkpointing and not plan.gradient_checkpointing
+    sized = chosen.applied_to(plan)
+    assert (sized.gpus, sized.sharding, sized.offload, sized.gradient_checkpointing) == (
+        chosen.gpus,
+        chosen.sharding,
+        chosen.offload,
+        True,
+    )
+    assert fit(inv, sized, gpu).peak_bytes == chosen.peak_bytes  # the plan is the setup that was sized
+    ran, skipped = run_cost(inv, sized, gpu, tokens=10**6), run_cost(inv, plan, gpu, tokens=10**6)
+    # Frozen base: 2 forwards (+ adapters) without the recompute, 3 with it.
+    assert 1.45 < ran.flops_per_token / skipped.flops_per_token < 1.5
+
+
 # Published measurements with the plans that reproduce their setups, shared with the estimator's calibration.
 MEASUREMENTS = json.loads((Path(__file__).parent / "memory" / "data" / "measurements.json").read_text())
 UNITS = {"GiB": 2**30, "GB": 10**9}

@@ -14,6 +14,10 @@ from peftaudit.report import audit
 from peftaudit.sources.base import SourceOptions, resolve
 
 
+def _tiny_llama(**changes: object) -> str:
+    return json.dumps({**tiny.TINY["llama"], **changes})
+
+
 def write_config(folder: Path, config: dict[str, object] | str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"
@@ -50,6 +54,14 @@ def test_weights_are_never_read(tmp_path: Path) -> None:
         ('{"model_type": "llama", "num_hidden_layers": -2}', "'num_hidden_layers' must be positive"),
         ('{"model_type": "llama", "vocab_size": "big"}', "'vocab_size' must be an integer"),
         ('{"model_type": "llava", "text_config": {"hidden_size": -1}}', "'text_config.hidden_size' must be positive"),
+        # transformers' own (strict dataclass) validation, as one line naming the field
+        (_tiny_llama(hidden_size=None), "invalid config.json: Field 'hidden_size' expected int, got NoneType"),
+        (_tiny_llama(head_dim=7), "RoPE requires an even rotary dimension, but got `head_dim`=7"),
+        (_tiny_llama(num_attention_heads=5, num_key_value_heads=5), "not a multiple of the number of attention heads"),
+        (_tiny_llama(architectures=5), "'architectures' must be a list of class names, got 5"),
+        (_tiny_llama(architectures="LlamaForCausalLM"), "'architectures' must be a list of class names"),
+        (_tiny_llama(architectures=["PreTrainedModel"]), "builds a PreTrainedModel with no parameters"),
+        ("[" * 100_000, "not valid JSON"),
     ],
 )
 def test_bad_configs_are_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
@@ -136,3 +148,98 @@ def test_revision_is_never_answered_from_the_catalog(tmp_path: Path, monkeypatch
 def test_empty_spec() -> None:
     with pytest.raises(SourceNotFound, match="no model given"):
         resolve("  ")
+
+
+# --- limits: what is refused before it is read or built ---------------------------------------------
+
+
+def test_config_over_the_size_limit_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftaudit.sources import build
+
+    path = write_config(tmp_path / "m", tiny.TINY["llama"])
+    size = path.stat().st_size
+    monkeypatch.setattr(build, "MAX_CONFIG_BYTES", size)
+    assert resolve(str(path))[0].config == tiny.TINY["llama"]  # at the limit: read
+    monkeypatch.setattr(build, "MAX_CONFIG_BYTES", size - 1)
+    with pytest.raises(ConfigError, match=rf"of {size} bytes exceeds the {size - 1}-byte limit"):
+        resolve(str(path))
+
+
+@pytest.mark.parametrize("spec", ["m", "m/config.json"])
+def test_a_fifo_named_config_json_is_refused_without_waiting(tmp_path: Path, spec: str) -> None:
+    import os
+
+    (tmp_path / "m").mkdir()
+    os.mkfifo(tmp_path / "m" / "config.json")  # no writer: a blocking open() would never return
+    with pytest.raises(ConfigError, match=r"config\.json is not a regular file"):
+        resolve(str(tmp_path / spec))
+
+
+def test_layer_bound_is_inclusive_and_stated() -> None:
+    from peftaudit.sources.build import MAX_LAYERS, validate_config
+
+    validate_config({**tiny.TINY["llama"], "num_hidden_layers": MAX_LAYERS}, "m")
+    with pytest.raises(ConfigError, match=r"'text_config\.num_hidden_layers' is 1001; .* at most 1,000 layers"):
+        validate_config({"model_type": "llava", "text_config": {"num_hidden_layers": MAX_LAYERS + 1}}, "m")
+
+
+def test_expert_bound_admits_the_largest_published_expert_count() -> None:
+    """google/switch-c-2048's published config (huggingface.co/google/switch-c-2048, config.json)."""
+    from peftaudit.sources.build import validate_config
+
+    switch_c_2048 = {
+        "model_type": "switch_transformers",
+        "d_model": 2080,
+        "d_ff": 6144,
+        "d_kv": 64,
+        "num_heads": 30,
+        "num_layers": 15,
+        "num_decoder_layers": 12,
+        "num_experts": 2048,
+        "vocab_size": 32128,
+    }
+    validate_config(switch_c_2048, "google/switch-c-2048")
+    with pytest.raises(ConfigError, match=r"has 54 layers x 2,048 experts = 110,592 experts in all"):
+        validate_config({**switch_c_2048, "num_layers": 30, "num_decoder_layers": 24}, "m")
+
+
+def test_every_catalog_config_is_within_the_bounds() -> None:
+    from peftaudit.sources.build import validate_config
+    from peftaudit.sources.catalog import entries
+
+    for entry in entries():
+        validate_config(entry.config, entry.id)
+
+
+# --- the hub's time bound -----------------------------------------------------------------------------
+
+
+def test_hub_timeout_default_and_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftaudit.errors import PeftauditError
+    from peftaudit.sources.hub import DEFAULT_HUB_TIMEOUT_S, hub_timeout
+
+    monkeypatch.delenv("PEFTAUDIT_HUB_TIMEOUT", raising=False)
+    assert hub_timeout() == DEFAULT_HUB_TIMEOUT_S == 15.0
+    monkeypatch.setenv("PEFTAUDIT_HUB_TIMEOUT", " 2.5 ")
+    assert hub_timeout() == 2.5
+    for bad in ("0", "-3", "inf", "nan", "15s"):
+        monkeypatch.setenv("PEFTAUDIT_HUB_TIMEOUT", bad)
+        with pytest.raises(PeftauditError, match="PEFTAUDIT_HUB_TIMEOUT must be a positive number of seconds"):
+            hub_timeout()
+
+
+def test_hub_call_is_abandoned_at_the_bound_and_errors_pass_through() -> None:
+    import threading
+    import time
+
+    from peftaudit.sources import hub
+
+    release = threading.Event()
+    start = time.monotonic()
+    with pytest.raises(hub._TimedOut):
+        hub._within(0.2, lambda: release.wait(30))
+    assert time.monotonic() - start < 5
+    release.set()
+    assert hub._within(5, lambda: 42) == 42
+    with pytest.raises(KeyError, match="boom"):
+        hub._within(5, lambda: {}["boom"])

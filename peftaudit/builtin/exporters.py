@@ -9,7 +9,6 @@ recipe with a warning, never silently.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,6 +17,7 @@ from peftaudit import hookimpl
 from peftaudit._version import __version__
 from peftaudit.recommend.exports import Export, ExportError, names_regex, to_yaml
 from peftaudit.recommend.recipe import LoraRecipe
+from peftaudit.render.json import dumps
 
 
 def _header(recipe: LoraRecipe, tool: str) -> list[str]:
@@ -88,7 +88,7 @@ class PeftJson:
         data: dict[str, Any] = {"peft_type": "LORA", "base_model_name_or_path": recipe.model_id}
         data.update(recipe.lora_config_kwargs())
         data["inference_mode"] = False
-        return Export(self.name, json.dumps(data, indent=2) + "\n", self.filename, recipe)
+        return Export(self.name, dumps(data) + "\n", self.filename, recipe)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Shared output plumbing for commands: format choice, colour, width, atomic files."""
+"""Shared output plumbing for commands: format choice, colour, width, atomic files, number flags."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -25,7 +26,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         "-o",
         metavar="FILE",
-        help="write to FILE (atomically: complete or not at all) instead of stdout",
+        help=(
+            "write to FILE instead of stdout (a file is replaced atomically: complete or not at all; "
+            "symlinks are followed; devices and FIFOs are written through)"
+        ),
     )
     group.add_argument("--width", type=_positive_int, metavar="COLUMNS", help="terminal width for tables")
 
@@ -55,15 +59,42 @@ def width(args: argparse.Namespace) -> int:
 
 
 def emit(text: str, args: argparse.Namespace) -> None:
-    """Print ``text`` or write it to ``--output`` atomically."""
+    """Print ``text``, or write it to ``--output`` (:func:`peftaudit.files.write_atomic` says how).
+
+    A stdout that cannot take it (a full disk) is a one-line :class:`PeftauditError`.
+    """
     path = getattr(args, "output", None)
     if not path:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # `| head` closed the pipe: the CLI ends quietly
+        except OSError as exc:
+            raise stdout_failed(exc) from None
         return
     from peftaudit.files import write_atomic
 
     write_atomic(path, text)
+
+
+def stdout_failed(exc: OSError) -> PeftauditError:
+    """The one-line error for output that cannot be written (``> /dev/full``, a full disk).
+
+    Points standard output at ``/dev/null`` first: what is still buffered
+    there would otherwise fail again, with a traceback, when Python exits.
+    """
+    silence_stdout()
+    return PeftauditError(f"cannot write to standard output: {exc.strerror or exc}")
+
+
+def silence_stdout() -> None:
+    """Point standard output at ``/dev/null``, so nothing still buffered can fail at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def warn(message: str) -> None:
@@ -78,4 +109,31 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` are refused, as strict JSON refuses them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above zero."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number, zero or above."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text!r}")
     return value

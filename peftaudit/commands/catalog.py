@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
+from peftaudit.render.json import dumps
 
 
 def add_parser(sub: Any) -> None:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for e in chosen
         ]
-        emit(json.dumps(rows, indent=2) + "\n", args)
+        emit(dumps(rows) + "\n", args)
         return 0
     emit(_table(chosen, args), args)
     return 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from peftaudit.commands._model import add_model_arguments, load_inventory
 from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
+from peftaudit.render.json import dumps
 
 
 def add_parser(sub: Any) -> None:
@@ -57,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
             )
     if fmt == "json":
         emit(
-            json.dumps(
-                {"model": resolved.id, "gpu": gpu.name, "usable_bytes": gpu.usable_bytes, "results": results}, indent=2
-            )
-            + "\n",
+            dumps({"model": resolved.id, "gpu": gpu.name, "usable_bytes": gpu.usable_bytes, "results": results}) + "\n",
             args,
         )
         return 0

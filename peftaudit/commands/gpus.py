@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from peftaudit.commands._model import add_model_arguments, load_inventory
 from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
+from peftaudit.render.json import dumps
 
 #: Sequence lengths for the chart, cut at the model's context.
 CHART_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
     add_model_arguments(parser, required=False)
     sizing = parser.add_argument_group("sizing")
     sizing.add_argument("--gpu", action="append", metavar="NAME", help="only these GPUs (repeatable)")
-    sizing.add_argument("--max-gpus", type=int, default=128, metavar="N", help="largest GPU count to try (128)")
+    sizing.add_argument("--max-gpus", type=int, default=128, metavar="N", help="largest GPU count to try (%(default)s)")
     sizing.add_argument("--plot", metavar="FILE", help="also write memory against sequence length to FILE (.svg/.png)")
     memory_cli.add_arguments(parser)
     add_output_arguments(parser)
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     out, buffer = render.console(width(args), use_color(args))
     if args.model is None:
         if fmt == "json":
-            emit(json.dumps([g.to_dict() for g in gpus], indent=2) + "\n", args)
+            emit(dumps([g.to_dict() for g in gpus]) + "\n", args)
         else:
             render.catalog_table(gpus, out)
             emit(buffer.getvalue(), args)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             ],
             "by_seq_len": {m: [{"seq_len": s, "peak_bytes": b} for s, b in pts] for m, pts in curve.items()},
         }
-        emit(json.dumps(data, indent=2) + "\n", args)
+        emit(dumps(data) + "\n", args)
         return 0
     out.print(f"{resolved.id}: batch {plans[0].batch_size} x seq {plans[0].seq_len:,} per GPU", markup=False)
     render.sweep_table(rows, [p.method for p in plans], gpus, out)

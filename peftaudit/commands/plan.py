@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
 from peftaudit.commands._model import add_model_arguments, load_inventory
-from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
+from peftaudit.commands._output import (
+    add_output_arguments,
+    emit,
+    non_negative_float,
+    positive_float,
+    table_or_json,
+    use_color,
+    width,
+)
+from peftaudit.render.json import dumps
 
 
 def add_parser(sub: Any) -> None:
@@ -26,8 +34,12 @@ def add_parser(sub: Any) -> None:
     run_group = parser.add_argument_group("the run")
     run_group.add_argument("--gpu", required=True, metavar="NAME", help="the GPU (see `peftaudit gpus`)")
     run_group.add_argument("--tokens", required=True, metavar="N", help="training tokens, e.g. 500M or 2B")
-    run_group.add_argument("--price", type=float, metavar="PER_HOUR", help="price per GPU-hour (default: GPU file)")
-    run_group.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation (default 0.4)")
+    run_group.add_argument(
+        "--price", type=non_negative_float, metavar="PER_HOUR", help="price per GPU-hour (default: GPU file)"
+    )
+    run_group.add_argument(
+        "--mfu", type=positive_float, default=0.4, help="model-FLOPs utilisation, at most 1 (default %(default)s)"
+    )
     memory_cli.add_arguments(parser)
     add_output_arguments(parser)
     parser.set_defaults(run=run)
@@ -42,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
 
     fmt = table_or_json(args, "plan")
     tokens = parse_tokens(args.tokens)
-    if args.price is not None and args.price < 0:
-        raise PeftauditError(f"--price must not be negative, got {args.price}")
     gpu = find_gpu(args.gpu)
     resolved, inventory = load_inventory(args)
     rows: list[dict[str, Any]] = []
@@ -55,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{plan.method} on {gpu.name}: no setup up to {chosen.gpus} GPUs fits "
                 f"({chosen.peak_bytes / 2**30:.1f} GiB per GPU needed)"
             )
-        sized = plan.with_(gpus=chosen.gpus, sharding=chosen.sharding, offload=chosen.offload)
+        sized = chosen.applied_to(plan)  # the plan the setup runs: its FLOPs include any recompute
         cost = run_cost(inventory, sized, gpu, tokens=tokens, mfu=args.mfu, price_per_gpu_hour=args.price)
         tokens_per_step = sized.batch_size * sized.seq_len * sized.gpus * sized.gradient_accumulation
         steps = math.ceil(tokens / tokens_per_step)
@@ -72,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
         )
         lines += [f"{plan.method}:", *(f"  {line}" for line in render.cost_lines(chosen, cost, steps, step_seconds))]
     if fmt == "json":
-        emit(
-            json.dumps({"model": resolved.id, "gpu": gpu.name, "tokens": tokens, "plans": rows}, indent=2) + "\n", args
-        )
+        emit(dumps({"model": resolved.id, "gpu": gpu.name, "tokens": tokens, "plans": rows}) + "\n", args)
         return 0
     out, buffer = render.console(width(args), use_color(args))
     out.print(f"{resolved.id}: {tokens:,} tokens on {gpu.name}", markup=False)

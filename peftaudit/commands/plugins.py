@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from peftaudit.commands._output import add_output_arguments, emit, table_or_json
+from peftaudit.render.json import dumps
 
 
 def add_parser(sub: Any) -> None:
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     rows = describe()
     fmt = table_or_json(args, "plugins")
     if fmt == "json":
-        emit(json.dumps([{"name": n, "hooks": h} for n, h in rows], indent=2) + "\n", args)
+        emit(dumps([{"name": n, "hooks": h} for n, h in rows]) + "\n", args)
     else:
         lines = []
         for name, hooks in rows:

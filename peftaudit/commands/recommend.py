@@ -16,6 +16,8 @@ EXPORTS = ("peft", "peft-json", "axolotl", "llama-factory", "trl")
 
 
 def add_parser(sub: Any) -> None:
+    from peftaudit.memory.cli import plan_default
+
     parser = sub.add_parser(
         "recommend",
         help="recommend LoRA targets, rank, alpha and dropout with reasons, check readiness, export configs",
@@ -33,8 +35,21 @@ def add_parser(sub: Any) -> None:
     )
     plan.add_argument("--gpu", metavar="NAME", help="fit the run into one GPU of this kind (A10G, H100, ...)")
     plan.add_argument("--budget", metavar="SIZE", help="fit the run into this much GPU memory, e.g. 48GiB")
-    plan.add_argument("--batch-size", type=int, default=1, metavar="N", help="micro-batch per GPU (default 1)")
-    plan.add_argument("--seq-len", type=int, default=2048, metavar="N", help="tokens per sequence (default 2048)")
+    # The estimator's own defaults (TrainingPlan's fields), as the memory flags of report, fit and plan use.
+    plan.add_argument(
+        "--batch-size",
+        type=int,
+        default=plan_default("batch_size"),
+        metavar="N",
+        help="micro-batch per GPU (default %(default)s)",
+    )
+    plan.add_argument(
+        "--seq-len",
+        type=int,
+        default=plan_default("seq_len"),
+        metavar="N",
+        help="tokens per sequence (default %(default)s)",
+    )
     plan.add_argument("--add-tokens", type=int, default=0, metavar="N", help="tokens you add to the tokenizer")
     lora = parser.add_argument_group("LoRA (fix any of these yourself; the rest is recommended)")
     lora.add_argument("--preset", choices=PRESETS, help="targets by preset (default: all-linear, +experts for MoE)")

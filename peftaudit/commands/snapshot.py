@@ -29,6 +29,11 @@ def add_parser(sub: Any) -> None:
         "--output", "-o", metavar="FILE", help="write the snapshot to FILE (atomically) instead of stdout"
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="let -o replace an existing file that is not a snapshot (refused by default: it may be a checkpoint)",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="read .bin/.pt weights with torch.load(weights_only=True) (refused by default)",
@@ -50,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from peftaudit.commands.verify import progress_for
     from peftaudit.errors import PeftauditError
     from peftaudit.verify import SamplePolicy, snapshot
+    from peftaudit.verify.snapshots import check_snapshot_target
 
     if args.sample < 0:
         raise PeftauditError("--sample must be 0 or more")
+    if args.output:  # before hashing: a refusal should not cost a pass over the checkpoint
+        check_snapshot_target(args.output, source=args.source, force=args.force)
     start = time.perf_counter()
     policy = SamplePolicy(points=args.sample, whole_below=4096 if args.sample else 0)
     with progress_for([args.source], args) as progress:
@@ -61,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
         )
     seconds = time.perf_counter() - start
     if args.output:
-        snap.save(args.output)
+        snap.save(args.output, force=args.force)
     else:
-        import json
+        from peftaudit.render.json import dumps
 
-        emit(json.dumps(snap.to_dict(), separators=(",", ":")) + "\n", args)
+        emit(dumps(snap.to_dict(), compact=True) + "\n", args)
     gigabytes = snap.nbytes / 1e9
     where = f" -> {args.output}" if args.output else ""
     sys.stderr.write(f"peftaudit: {len(snap)} tensors, {gigabytes:.2f} GB fingerprinted in {seconds:.2f} s{where}\n")

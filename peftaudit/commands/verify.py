@@ -119,12 +119,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if fmt == "json":
         emit(to_json(verdict) + "\n", args)
-    elif args.output:
+    else:
         import io
 
-        buffer = io.StringIO()
-        render_text(verdict, file=buffer, verbose=args.verbose, color=False, width=width(args))
+        buffer = io.StringIO()  # then emit(): one place handles --output, a closed pipe and a full stdout
+        render_text(verdict, file=buffer, verbose=args.verbose, color=use_color(args), width=width(args))
         emit(buffer.getvalue(), args)
-    else:
-        render_text(verdict, verbose=args.verbose, color=use_color(args), width=width(args))
     return 0 if verdict.ok else 1

@@ -16,12 +16,19 @@ The user's file is TOML, at ``$PEFTAUDIT_GPUS_FILE`` or
     usable_gib = 46.5
     bandwidth_gbs = 900
     tflops = { bf16 = 300, fp8 = 600 }
+
+Every figure, from the bundled file, the user's file or a plugin, passes the
+same checks (:func:`check_gpu`): numbers are numbers (not strings, not
+booleans) and finite (TOML allows ``nan`` and ``inf``), memory is positive,
+and bandwidth, throughput and price are not negative. ``--price -1`` is
+refused, and so is ``price_per_hour = -1`` in the file.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import tomllib
@@ -97,13 +104,22 @@ def _key(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name).lower()
 
 
-def _from_mapping(data: Mapping[str, Any], *, origin: str, name: str | None = None) -> GPU:
+def _from_mapping(data: Mapping[str, Any], *, origin: str, name: str | None = None, where: str | None = None) -> GPU:
+    """A GPU from a row of gpus.json or a table of the user's file; ``where`` names it in errors."""
     name = str(name or data["name"])
+    where = where or f"GPU '{name}' in {origin}"
     try:
         usable = data.get("usable_gib")
-        memory_gb = float(data["memory_gb"])
-        usable_bytes = round(float(usable) * GIB) if usable is not None else int(memory_gb * 0.99 * GIB)
-        tflops = {k: (float(v) if v is not None else None) for k, v in dict(data.get("tflops", {})).items()}
+        memory_gb = _number(data["memory_gb"], "memory_gb", where)
+        if usable is not None:
+            usable_bytes = round(_number(usable, "usable_gib", where) * GIB)
+        else:
+            usable_bytes = int(memory_gb * 0.99 * GIB)
+        tflops = {
+            str(k): (_number(v, f"tflops.{k}", where) if v is not None else None)
+            for k, v in dict(data.get("tflops", {})).items()
+        }
+        price = data.get("price_per_hour")
         gpu = GPU(
             name=name,
             vendor=str(data.get("vendor", "")),
@@ -111,21 +127,54 @@ def _from_mapping(data: Mapping[str, Any], *, origin: str, name: str | None = No
             usable_bytes=usable_bytes,
             usable_source=str(data.get("usable_source", origin)),
             usable_estimated=bool(data.get("usable_estimated", usable is None)),
-            bandwidth_gbs=float(data.get("bandwidth_gbs", 0.0)),
+            bandwidth_gbs=_number(data.get("bandwidth_gbs", 0.0), "bandwidth_gbs", where),
             tflops=tflops,
             tflops_source=str(data.get("tflops_source", origin)),
             aliases=tuple(str(a) for a in data.get("aliases", ())),
             memory_type=str(data.get("memory_type", "")),
             interconnect=str(data.get("interconnect", "")),
-            price_per_hour=float(data["price_per_hour"]) if data.get("price_per_hour") is not None else None,
-            price_source=origin if data.get("price_per_hour") is not None else None,
+            price_per_hour=_number(price, "price_per_hour", where) if price is not None else None,
+            price_source=origin if price is not None else None,
             origin=origin,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise PeftauditError(f"GPU '{name}' in {origin}: {exc.__class__.__name__}: {exc}") from exc
-    if gpu.usable_bytes <= 0 or gpu.memory_gb <= 0:
-        raise PeftauditError(f"GPU '{name}' in {origin}: memory must be positive")
+        raise PeftauditError(f"{where}: {exc.__class__.__name__}: {exc}") from exc
+    check_gpu(gpu, where)
     return gpu
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    """A figure from a file: an int or a float, finite (a string or a boolean is a mistake, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PeftauditError(f"{where}: {key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise PeftauditError(f"{where}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_gpu(gpu: GPU, where: str | None = None) -> None:
+    """Refuse a GPU whose figures would make sizing or cost wrong (NaN, infinity, negative, no memory).
+
+    One rule for bundled GPUs, the user's file and plugins' GPUs; ``where``
+    names the entry in the one-line error (default: the GPU and its origin).
+    """
+    where = where or f"GPU '{gpu.name}' from {gpu.origin}"
+
+    def finite(key: str, value: Any, *, positive: bool = False) -> None:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not ok or value < 0 or (positive and value == 0):
+            wanted = "a positive finite number" if positive else "a finite number, 0 or more"
+            raise PeftauditError(f"{where}: {key} must be {wanted}, got {value!r}")
+
+    finite("memory_gb", gpu.memory_gb, positive=True)
+    if not isinstance(gpu.usable_bytes, int) or isinstance(gpu.usable_bytes, bool) or gpu.usable_bytes <= 0:
+        raise PeftauditError(f"{where}: usable memory must be positive, got {gpu.usable_bytes!r} bytes")
+    finite("bandwidth_gbs", gpu.bandwidth_gbs)
+    for dtype, value in gpu.tflops.items():
+        if value is not None:
+            finite(f"tflops.{dtype}", value)
+    if gpu.price_per_hour is not None:
+        finite("price_per_hour", gpu.price_per_hour)
 
 
 def bundled_gpus() -> tuple[GPU, ...]:
@@ -159,13 +208,13 @@ def apply_user_file(catalog: Mapping[str, GPU], path: Path) -> dict[str, GPU]:
         if not isinstance(values, dict):
             raise PeftauditError(f"GPU file {path}: gpu.{name} must be a table")
         known = _lookup(result, name)
+        where = f"GPU file {path}: GPU '{name}'"
         if known is None:
-            gpu = _from_mapping(values, origin=str(path), name=name)
+            gpu = _from_mapping(values, origin=str(path), name=name, where=where)
         else:
             merged = {**known.to_dict(), **values}
-            gpu = _from_mapping(
-                merged, origin=str(path) if set(values) - {"price_per_hour"} else known.origin, name=known.name
-            )
+            origin = str(path) if set(values) - {"price_per_hour"} else known.origin
+            gpu = _from_mapping(merged, origin=origin, name=known.name, where=where)
             if "price_per_hour" in values:
                 gpu = replace(gpu, price_source=str(path))
         result[_key(gpu.name)] = gpu
@@ -188,6 +237,7 @@ def _catalog() -> dict[str, GPU]:
     from peftaudit.plugins import gpus_from_plugins
 
     for gpu in gpus_from_plugins():
+        check_gpu(gpu, f"GPU '{gpu.name}' registered by a plugin (origin {gpu.origin!r})")
         catalog[_key(gpu.name)] = gpu
     return apply_user_file(catalog, user_file())
 

@@ -67,6 +67,19 @@ class Fit:
             text += " + grad. ckpt"
         return text
 
+    def applied_to(self, plan: TrainingPlan) -> TrainingPlan:
+        """``plan`` as this setup runs it: its GPU count, sharding, offload and checkpointing.
+
+        Time and cost must come from this plan: a setup that switched gradient checkpointing on
+        pays for recomputing the forward pass.
+        """
+        return plan.with_(
+            gpus=self.gpus,
+            sharding=self.sharding,
+            offload=self.offload,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "gpu": self.gpu,

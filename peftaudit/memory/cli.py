@@ -30,13 +30,21 @@ Flags (all optional; every one has the :class:`~peftaudit.memory.plan.TrainingPl
 ``--trace``
 
 Nothing heavy is imported here: parsing flags does not import torch.
+
+Every default the help states is read from :class:`TrainingPlan`'s own field,
+so the help, ``docs/cli.md`` (generated from it) and the estimate cannot
+disagree. Numbers are checked where they are typed: ``nan`` and ``inf`` are
+refused, and so is a regular expression that does not compile, naming the flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 from typing import Any
 
+from peftaudit.commands._output import finite_float, non_negative_float, positive_float
 from peftaudit.memory.plan import (
     ADAPTER_DTYPES,
     ATTENTIONS,
@@ -92,8 +100,17 @@ _DESTS = (
 )
 
 
+def plan_default(name: str) -> Any:
+    """The default of :class:`TrainingPlan`'s field ``name``: the one source the help quotes."""
+    for f in dataclasses.fields(TrainingPlan):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the memory-estimate flags to ``parser`` as one argument group."""
+    d = plan_default
     g = parser.add_argument_group("memory estimate", "estimate peak GPU memory for a training plan")
     add = g.add_argument
     add(
@@ -103,9 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fine-tuning method (full, freeze, lora, qlora, lora-8bit, dora, ia3, prompt-tuning, or a plugin's)",
     )
     add("--compare", dest="memory_compare", metavar="M1,M2", help="several methods side by side")
-    add("--rank", dest="memory_rank", type=int, metavar="R", help="LoRA rank (default 16)")
-    add("--alpha", dest="memory_alpha", type=float, metavar="A", help="LoRA alpha (default 2 x rank)")
-    add("--dropout", dest="memory_dropout", type=float, metavar="P", help="LoRA dropout (default 0)")
+    add("--rank", dest="memory_rank", type=int, metavar="R", help=f"LoRA rank (default {d('rank')})")
+    add("--alpha", dest="memory_alpha", type=positive_float, metavar="A", help="LoRA alpha (default 2 x rank)")
+    add(
+        "--dropout",
+        dest="memory_dropout",
+        type=finite_float,
+        metavar="P",
+        help=f"LoRA dropout (default {d('dropout'):g})",
+    )
     add(
         "--targets",
         dest="memory_targets",
@@ -128,8 +151,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REGEX=R",
         help="per-module rank (repeatable)",
     )
-    add("--batch-size", dest="memory_batch_size", type=int, metavar="B", help="micro-batch per GPU (default 1)")
-    add("--seq-len", dest="memory_seq_len", type=int, metavar="S", help="tokens per sequence (default 2048)")
+    add(
+        "--batch-size",
+        dest="memory_batch_size",
+        type=int,
+        metavar="B",
+        help=f"micro-batch per GPU (default {d('batch_size')})",
+    )
+    add("--seq-len", dest="memory_seq_len", type=int, metavar="S", help=f"tokens per sequence (default {d('seq_len')})")
     add(
         "--gradient-checkpointing",
         dest="memory_gradient_checkpointing",
@@ -141,15 +170,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--loss", dest="memory_loss", choices=LOSSES, help="default (fp32 logits) or chunked")
     add("--optimizer", dest="memory_optimizer", choices=OPTIMIZERS, help="optimizer (none = inference)")
     add("--optimizer-impl", dest="memory_optimizer_impl", choices=OPTIMIZER_IMPLS, help="torch optimizer kernel")
-    add("--precision", dest="memory_precision", choices=PRECISIONS, help="training precision (default bf16)")
-    add("--base-dtype", dest="memory_base_dtype", choices=BASE_DTYPES, help="storage of frozen base weights")
+    add(
+        "--precision",
+        dest="memory_precision",
+        choices=PRECISIONS,
+        help=f"training precision (default {d('precision')})",
+    )
+    add(
+        "--base-dtype",
+        dest="memory_base_dtype",
+        choices=BASE_DTYPES,
+        help="storage of frozen base weights (overrides the checkpoint's own quantization_config)",
+    )
     add("--adapter-dtype", dest="memory_adapter_dtype", choices=ADAPTER_DTYPES, help="adapter weights' dtype")
     add("--quant-type", dest="memory_quant_type", choices=QUANT_TYPES, help="QLoRA 4-bit format")
     add(
         "--double-quant",
         dest="memory_double_quant",
         action=argparse.BooleanOptionalAction,
-        help="QLoRA double quantization (default on)",
+        help=f"QLoRA double quantization (default {'on' if d('double_quant') else 'off'})",
     )
     add(
         "--kbit-upcast",
@@ -165,24 +204,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--cuda-context",
         dest="memory_cuda_context",
-        type=float,
+        type=non_negative_float,
         metavar="MIB",
-        help="CUDA context and workspaces in MiB (default 600)",
+        help=f"CUDA context and workspaces in MiB (default {d('cuda_context_bytes') / MIB:g})",
     )
     add(
         "--allocator-margin",
         dest="memory_allocator_margin",
-        type=float,
+        type=finite_float,
         metavar="FRACTION",
-        help="allocator slack as a fraction of allocated memory (default 0.10)",
+        help=f"allocator slack as a fraction of allocated memory (default {d('allocator_fraction'):.2f})",
     )
-    add("--virtual-tokens", dest="memory_virtual_tokens", type=int, metavar="N", help="prompt tuning tokens")
+    add(
+        "--virtual-tokens",
+        dest="memory_virtual_tokens",
+        type=int,
+        metavar="N",
+        help=f"prompt tuning tokens (default {d('num_virtual_tokens')})",
+    )
     add(
         "--trainable-layers",
         dest="memory_trainable_layers",
         type=int,
         metavar="N",
-        help="freeze tuning: last N layers train",
+        help=f"freeze tuning: last N layers train (default {d('trainable_layers')})",
     )
     add(
         "--trace",
@@ -191,6 +236,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also simulate one real training step with fake tensors (slower, no GPU needed)",
     )
+
+
+def _compiles(flag: str, given: str, pattern: str) -> None:
+    """Refuse, naming the flag, a regular expression that Python's ``re`` (peft's matcher) cannot compile."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise PlanError(f"{flag} {given!r} is not a valid regular expression: {exc.msg}") from None
 
 
 def _names(value: str | None) -> tuple[str, ...]:
@@ -230,6 +283,7 @@ def plans_from_args(args: argparse.Namespace) -> list[TrainingPlan]:
     if targets and regex:
         raise PlanError("give --targets or --targets-regex, not both")
     if regex:
+        _compiles("--targets-regex", regex, regex)  # peft: re.fullmatch(target_modules, name)
         fields["targets"] = regex
     elif targets:
         fields["targets"] = targets if targets in ("all-linear", "default") else _names(targets)
@@ -243,6 +297,7 @@ def plans_from_args(args: argparse.Namespace) -> list[TrainingPlan]:
             key, sep, value = item.rpartition("=")
             if not sep or not key:
                 raise PlanError(f"--rank-pattern wants REGEX=RANK, got {item!r}")
+            _compiles("--rank-pattern", key, rf"(.*\.)?({key})$")  # as peft's get_pattern_key matches it
             try:
                 pairs.append((key, int(value)))
             except ValueError:

@@ -1,8 +1,11 @@
 """Bytes per element, and the storage of quantized weights with their constants.
 
 The quantized layouts are bitsandbytes' (``quantize_4bit``/``quantize_blockwise``
-and ``Int8Params``) and the block-scaled fp8 layout of DeepSeek-V3/Qwen3-FP8
-checkpoints; each function says where its numbers come from.
+and ``Int8Params``), the block-scaled fp8 layout of DeepSeek-V3/Qwen3-FP8
+checkpoints, and the packed-integer layouts of GPTQ, AWQ and compressed-tensors
+checkpoints; each function says where its numbers come from. These are the only
+copies of the rules: plan-driven quantization (QLoRA) and a checkpoint's own
+``quantization_config`` (:mod:`peftaudit.memory.quantized`) both use them.
 """
 
 from __future__ import annotations
@@ -76,11 +79,72 @@ def int8_bytes(numel: int, out_features: int) -> tuple[int, int]:
     return numel, 4 * out_features
 
 
-def fp8_bytes(out_features: int, in_features: int, block: int = 128) -> tuple[int, int]:
+#: Weight kinds of quantized frozen linear layers, as layer programs see them: bitsandbytes
+#: ``nf4``/``fp4`` and ``int8``, block-scaled ``fp8``, and ``int`` (GPTQ, AWQ, compressed-tensors
+#: packed integers). All but ``int8`` dequantize the weight for each matmul and keep only the input.
+QUANTIZED_KINDS: tuple[str, ...] = ("nf4", "fp4", "int8", "fp8", "int")
+
+
+def fp8_bytes(out_features: int, in_features: int, block: int | tuple[int, int] | None = 128) -> tuple[int, int]:
     """(weight bytes, constant bytes) of a block-scaled float8 weight.
 
     One byte per element plus one fp32 inverse scale per 128 x 128 block, the
-    ``weight_scale_inv`` layout of DeepSeek-V3 and Qwen3 FP8 checkpoints.
+    ``weight_scale_inv`` layout of DeepSeek-V3 and Qwen3 FP8 checkpoints
+    (``weight_block_size``); ``None`` is one scale for the whole tensor.
     """
-    scales = math.ceil(out_features / block) * math.ceil(in_features / block)
+    if block is None:
+        return out_features * in_features, 4
+    rows, cols = (block, block) if isinstance(block, int) else block
+    scales = math.ceil(out_features / rows) * math.ceil(in_features / cols)
     return out_features * in_features, 4 * scales
+
+
+def _packed(count: int, bits: int) -> int:
+    """Bytes of ``count`` ``bits``-bit values packed into int32 words."""
+    return 4 * math.ceil(count * bits / 32)
+
+
+def gptq_bytes(out_features: int, in_features: int, *, bits: int, group_size: int) -> tuple[int, int]:
+    """(weight bytes, constant bytes) of a GPTQ linear layer (AutoGPTQ/optimum ``QuantLinear``).
+
+    ``qweight`` packs ``32 / bits`` values per int32 along the input dimension;
+    ``qzeros`` packs one zero point per group and output the same way (stored even
+    for symmetric quantization); ``scales`` are fp16 per group and output; ``g_idx``
+    is one int32 per input feature. ``group_size`` -1 is one group per output row.
+    """
+    groups = 1 if group_size <= 0 else math.ceil(in_features / group_size)
+    weight = out_features * _packed(in_features, bits)
+    constants = groups * _packed(out_features, bits) + 2 * groups * out_features + 4 * in_features
+    return weight, constants
+
+
+def awq_bytes(out_features: int, in_features: int, *, bits: int, group_size: int) -> tuple[int, int]:
+    """(weight bytes, constant bytes) of an AWQ linear layer (AutoAWQ's GEMM ``WQLinear``).
+
+    ``qweight`` int32 ``(in, out * bits / 32)``, ``qzeros`` int32 ``(in / group, out * bits / 32)``
+    and fp16 ``scales`` ``(in / group, out)``.
+    """
+    groups = 1 if group_size <= 0 else math.ceil(in_features / group_size)
+    weight = in_features * _packed(out_features, bits)
+    constants = groups * _packed(out_features, bits) + 2 * groups * out_features
+    return weight, constants
+
+
+def packed_int_bytes(
+    out_features: int, in_features: int, *, bits: int, scales: int, zero_points: bool, scale_bytes: int = 2
+) -> tuple[int, int]:
+    """(weight bytes, constant bytes) of a compressed-tensors quantized linear layer.
+
+    ``pack-quantized`` packs each row's ``bits``-bit values into int32 (8-bit values
+    are stored as int8, one byte each); ``weight_scale`` holds ``scales`` values in the
+    model's dtype, ``weight_zero_point`` as many packed values when asymmetric, and
+    packed layers keep their ``weight_shape`` (two int64).
+    """
+    if bits >= 8:
+        weight = out_features * in_features * bits // 8
+        shape = 0
+    else:
+        weight = out_features * _packed(in_features, bits)
+        shape = 16
+    zeros = _packed(scales, bits) if zero_points else 0
+    return weight, scale_bytes * scales + zeros + shape

@@ -36,7 +36,8 @@ from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.ops import Context
 from peftaudit.memory.optimizers import TrainableTensor, optimizer_memory
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
-from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, MemoryEstimate
+from peftaudit.memory.quantized import base_storage, resolve
+from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStorage, MemoryEstimate
 from peftaudit.memory.simulate import StepProfile, record_step, walk
 
 # --- static memory -------------------------------------------------------------------------------
@@ -57,33 +58,52 @@ class Static:
     paged_optimizer: bool
     largest_layer_params: int
     """Bytes of the largest layer's weights (ZeRO-3/FSDP gather one or two of these)."""
+    quantized_params: int = 0
+    """Frozen parameters stored quantized (logical count)."""
+    packed_bytes: int = 0
+    """Their packed storage (constants apart)."""
+    dequantized_trained: int = 0
+    """Parameters a pre-quantized checkpoint stores packed that train here, so are dense."""
 
 
 def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, layout: ModelLayout) -> Static:
     """Weights, gradients and optimizer states, per model replica (before sharding)."""
-    from peftaudit.memory.targets import output_head_path
-
-    head = output_head_path(inventory)
-    quantizable = layout._quantizable  # modules bitsandbytes would convert
+    # Modules stored quantized: bitsandbytes' defaults for plan-driven quantization (QLoRA), or
+    # what the checkpoint's own quantization_config converts (layout._formats, one format each).
+    quantizable = layout._quantizable
+    formats = layout._formats
+    experts = layout.checkpoint.expert_formats(inventory) if layout.checkpoint is not None else {}
     quant = adaptation.quantization
     base = consts = trainable_bytes = 0
+    quantized_params = packed = dequantized = 0
     tensors: list[TrainableTensor] = []
     trainable_params = 0
     per_layer: dict[int, int] = {}
     for p in inventory.parameters:
         trains = p.name in adaptation.trainable or _in_saved(p, adaptation)
         dtype = layout._dense_dtype(trains)
+        stored_packed = (p.module in formats and not p.is_bias) or p.name in experts
         if trains:
             size = p.numel * nbytes(dtype)
             trainable_bytes += size
             tensors.append(TrainableTensor(p.shape, dtype))
             trainable_params += p.numel
+            dequantized += p.numel if stored_packed else 0
             if _in_saved(p, adaptation) and p.name not in adaptation.trainable:
                 base += size  # the frozen original stays next to the trained copy
-        elif quant is not None and p.module in quantizable and not p.is_bias and len(p.shape) == 2 and p.module != head:
-            size, c = _quantized(quant, p, plan)
+        elif quant is not None and p.module in quantizable and not p.is_bias and len(p.shape) == 2:
+            size, c = _quantized(quant, p, plan, layout)
             base += size
             consts += c
+            quantized_params += p.numel
+            packed += size
+        elif p.name in experts:
+            count, rows, cols = p.shape  # fused (experts, out, in), each expert scaled on its own
+            size, c = (count * v for v in experts[p.name].storage(rows, cols))
+            base += size
+            consts += c
+            quantized_params += p.numel
+            packed += size
         else:
             size = p.numel * nbytes(dtype)
             base += size
@@ -107,7 +127,20 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         tensors.append(TrainableTensor((adaptation.prompt_params,), dtype))
     if not plan.training:
         return Static(
-            base, consts, trainable_bytes, 0, 0, 0, 0, 0, trainable_params, False, max(per_layer.values(), default=0)
+            base,
+            consts,
+            trainable_bytes,
+            0,
+            0,
+            0,
+            0,
+            0,
+            trainable_params,
+            False,
+            max(per_layer.values(), default=0),
+            quantized_params,
+            packed,
+            dequantized,
         )
     grads = sum(t.numel * nbytes(t.dtype) for t in tensors)
     opt = optimizer_memory(plan.optimizer, plan.optimizer_impl, tensors)
@@ -125,6 +158,9 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         trainable_params=trainable_params,
         paged_optimizer=opt.paged,
         largest_layer_params=max(per_layer.values(), default=0),
+        quantized_params=quantized_params,
+        packed_bytes=packed,
+        dequantized_trained=dequantized,
     )
 
 
@@ -138,7 +174,14 @@ def _in_saved(p: ParameterRecord, adaptation: Adaptation) -> bool:
     return any(p.module == s.path or p.module.startswith(s.path + ".") for s in adaptation.saved)
 
 
-def _quantized(quant: str, p: ParameterRecord, plan: TrainingPlan) -> tuple[int, int]:
+def _quantized(quant: str, p: ParameterRecord, plan: TrainingPlan, layout: ModelLayout) -> tuple[int, int]:
+    """(packed bytes, constant bytes) of a frozen linear weight: the checkpoint's format, or the plan's."""
+    fmt = layout._formats.get(p.module)
+    if fmt is not None:
+        # The module's features, not p.shape: a live bitsandbytes weight has a packed shape.
+        m = layout._modules.get(p.module)
+        out_f, in_f = (m.out_features, m.in_features) if m is not None else (None, None)
+        return fmt.storage(out_f or p.shape[0], in_f or p.shape[1])
     if quant in ("nf4", "fp4"):
         return nf4_bytes(p.numel, double_quant=plan.double_quant)
     if quant == "int8":
@@ -182,9 +225,20 @@ def _cached(inventory: Inventory, key: tuple[Any, ...]) -> dict[tuple[Any, ...],
     return entry[1]
 
 
-def _prepare(
-    inventory: Inventory, plan: TrainingPlan
-) -> tuple[Adaptation, ModelLayout, Static, StepProfile, list[PlanWarning], int]:
+@dataclass(frozen=True)
+class _Prepared:
+    """What one (model, plan shape) records once: the adaptation, layout, static memory and step."""
+
+    adaptation: Adaptation
+    layout: ModelLayout
+    static: Static
+    profile: StepProfile
+    warnings: list[PlanWarning]
+    total_params: int
+    base_storage: BaseStorage | None
+
+
+def _prepare(inventory: Inventory, plan: TrainingPlan) -> _Prepared:
     from peftaudit.plugins import memory_methods
 
     key = _profile_key(plan)
@@ -193,10 +247,14 @@ def _prepare(
     if hit is not None:
         return hit
     method = memory_methods()[plan.method]
-    adaptation = method.adapt(inventory, plan)
+    own = method.adapt(inventory, plan)
+    # A checkpoint's own quantization_config decides how frozen weights are stored (--base-dtype wins).
+    resolved = resolve(inventory, plan, own)
+    adaptation = resolved.adaptation
     block = main_block(inventory)
     shape, warnings = shape_of(inventory, block)
-    layout = ModelLayout(inventory, plan, adaptation, shape, block)
+    warnings = warnings + list(resolved.warnings)
+    layout = ModelLayout(inventory, plan, adaptation, shape, block, checkpoint=resolved.checkpoint)
     static = static_memory(inventory, plan, adaptation, layout)
     adapter_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else plan.adapter_dtype
 
@@ -234,7 +292,8 @@ def _prepare(
         # A layout no program reads (fused qkv_proj, encoder-decoder, other expert layouts):
         # replay a Llama-shaped layer of the same size instead, and say so.
         generic = replace(shape, family="llama", experts=0, qk_norm=False)
-        profile = record(SyntheticLayout(inventory, plan, adaptation, generic, block), generic)
+        synthetic = SyntheticLayout(inventory, plan, adaptation, generic, block, checkpoint=resolved.checkpoint)
+        profile = record(synthetic, generic)
         if not any(w.code == "approximate-activations" for w in warnings):
             warnings.append(
                 PlanWarning(
@@ -244,7 +303,18 @@ def _prepare(
                 )
             )
     warnings = warnings + _warnings(inventory, plan, adaptation)
-    result = (adaptation, layout, static, profile, warnings, inventory.total)
+    storage = base_storage(
+        resolved,
+        plan,
+        own.quantization,
+        total_params=inventory.total,
+        quantized_params=static.quantized_params,
+        packed_bytes=static.packed_bytes,
+        constant_bytes=static.quantization_constants,
+        dequantized_trained=static.dequantized_trained,
+        dense_dtype=layout._dense_dtype(False),
+    )
+    result = _Prepared(adaptation, layout, static, profile, warnings, inventory.total, storage)
     store[key] = result
     return result
 
@@ -272,15 +342,26 @@ def _spec_key(spec: Any) -> Any:
     return (replace(spec, adapter=None), a.kind, a.rank, a.in_features, a.out_features, a.num_experts, a.feedforward)
 
 
-def _plan_warnings(plan: TrainingPlan) -> list[PlanWarning]:
-    """Warnings that depend on the scale-out fields (not cached with the recorded step)."""
+def _plan_warnings(inventory: Inventory, plan: TrainingPlan) -> list[PlanWarning]:
+    """Warnings that depend on the fields not cached with the recorded step (scale-out, sequence)."""
+    out: list[PlanWarning] = []
+    context = inventory.dims.max_position_embeddings
+    if context and plan.seq_len > context:
+        out.append(
+            PlanWarning(
+                "seq-len-exceeds-max-positions",
+                f"seq-len {plan.seq_len:,} is above this model's max_position_embeddings ({context:,}): positions "
+                "past it were never trained (learned position embeddings fail outright); extend the context "
+                "(RoPE scaling) or shorten the sequences",
+            )
+        )
     if plan.sharding == "zero3" and plan.gpus == 1 and plan.offload == "none":
-        return [
+        out.append(
             PlanWarning(
                 "zero3-single-gpu", "ZeRO-3 on one GPU with nothing offloaded saves no memory; it only adds gathers"
             )
-        ]
-    return []
+        )
+    return out
 
 
 def _warnings(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation) -> list[PlanWarning]:
@@ -299,6 +380,7 @@ def _warnings(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation) 
         out.append(
             PlanWarning("checkpointing-without-training", "gradient checkpointing has no effect without training")
         )
+    out += _rank_warnings(adaptation)
     if adaptation.quantization is not None and plan.precision in ("fp32", "bf16-mixed", "fp16-mixed"):
         out.append(
             PlanWarning(
@@ -309,11 +391,31 @@ def _warnings(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation) 
     return out
 
 
+def _rank_warnings(adaptation: Adaptation) -> list[PlanWarning]:
+    """LoRA ranks above a layer's smaller dimension: B @ A cannot have a higher rank than that."""
+    over = [a for a in adaptation.adapters if a.kind != "ia3" and a.rank > min(a.in_features, a.out_features) > 0]
+    if not over:
+        return []
+    worst = min(over, key=lambda a: min(a.in_features, a.out_features))
+    name = f"{worst.path}.{worst.parameter}" if worst.parameter else worst.path
+    ranks = sorted({a.rank for a in over})
+    return [
+        PlanWarning(
+            "rank-exceeds-layer-dim",
+            f"rank {', '.join(map(str, ranks))} is above the smaller dimension of {len(over)} adapted layer(s), "
+            f"e.g. {name} ({worst.in_features} -> {worst.out_features}): their update cannot exceed rank "
+            f"{min(worst.in_features, worst.out_features)}, so the extra rank only adds parameters and memory",
+        )
+    ]
+
+
 def estimate(inventory: Inventory, plan: TrainingPlan | None = None) -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step of ``inventory`` under ``plan``."""
     plan = plan or TrainingPlan()
     plan.validate()
-    adaptation, layout, static, profile, warnings, total_params = _prepare(inventory, plan)
+    prepared = _prepare(inventory, plan)
+    adaptation, layout, static, profile = prepared.adaptation, prepared.layout, prepared.static, prepared.profile
+    warnings, total_params = prepared.warnings, prepared.total_params
     virtual = adaptation.virtual_tokens
     seq = plan.seq_len + virtual
     tokens = float(plan.batch_size * seq)
@@ -367,7 +469,8 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None) -> MemoryEs
         trainable_params=static.trainable_params,
         total_params=total_params,
         plan=plan.to_dict(),
-        warnings=tuple(warnings) + tuple(_plan_warnings(plan)) + tuple(shard.warnings),
+        warnings=tuple(warnings) + tuple(_plan_warnings(inventory, plan)) + tuple(shard.warnings),
+        base_storage=prepared.base_storage,
     )
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftaudit.inventory import Inventory, ModuleRecord, ParameterRecord
+from peftaudit.memory.dtypes import QUANTIZED_KINDS
 from peftaudit.memory.families import Layout, Shape, Weight
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.ops import LinearSpec
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
+from peftaudit.memory.quantized import CheckpointQuantization, WeightFormat
 from peftaudit.memory.targets import ModuleAdapter, output_head_path
 
 _LLAMA_LIKE_MLP = {"mlp.gate", "mlp.up", "mlp.down"}
@@ -60,6 +62,8 @@ class ModelLayout(Layout):
     shape: Shape
     block: str
     warnings: list[PlanWarning] = field(default_factory=list)
+    checkpoint: CheckpointQuantization | None = None
+    """The checkpoint's own quantization when frozen weights follow it (:mod:`peftaudit.memory.quantized`)."""
     _modules: dict[str, ModuleRecord] = field(default_factory=dict)
     _params: dict[str, ParameterRecord] = field(default_factory=dict)
     _roles: dict[tuple[int | None, str], str] = field(default_factory=dict)
@@ -67,6 +71,7 @@ class ModelLayout(Layout):
     _param_adapters: dict[str, ModuleAdapter] = field(default_factory=dict)
     _saved: set[str] = field(default_factory=set)
     _quantizable: set[str] = field(default_factory=set)
+    _formats: dict[str, WeightFormat] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         inv = self.inventory
@@ -82,9 +87,15 @@ class ModelLayout(Layout):
         self._saved = {s.path for s in self.adaptation.saved}
         head = output_head_path(inv)
         self._head = head
-        for m in inv.modules:
-            if m.is_linear and m.path and m.path != head and not self._is_tied(m.path):
-                self._quantizable.add(m.path)
+        if self.checkpoint is not None:
+            # A pre-quantized checkpoint: the modules its quantization_config converts.
+            self._formats = self.checkpoint.formats(inv)
+            self._quantizable = set(self._formats)
+        else:
+            # Plan-driven quantization (QLoRA): what bitsandbytes converts by default.
+            for m in inv.modules:
+                if m.is_linear and m.path and m.path != head and not self._is_tied(m.path):
+                    self._quantizable.add(m.path)
         for m in inv.modules:
             if not m.path or m.layer is None or not m.path.startswith(self.block + "."):
                 continue
@@ -118,6 +129,8 @@ class ModelLayout(Layout):
         bias = self._params.get(path + ".bias")
         trainable = path in self._saved or (weight is not None and weight.name in self.adaptation.trainable)
         quant = self.adaptation.quantization if (path in self._quantizable and not trainable) else None
+        if quant is not None and path in self._formats:
+            quant = self._formats[path].kind
         dtype = self._dense_dtype(trainable) if quant is None else self._dense_dtype(False, quantized_model=True)
         return LinearSpec(
             in_features=m.in_features or 0,
@@ -191,7 +204,7 @@ class ModelLayout(Layout):
 
     def _dense_dtype(self, trainable: bool, quantized_model: bool = False) -> str:
         plan = self.plan
-        if self.adaptation.quantization in ("nf4", "fp4", "int8", "fp8") and plan.kbit_upcast and not quantized_model:
+        if self.adaptation.quantization in QUANTIZED_KINDS and plan.kbit_upcast and not quantized_model:
             return "fp32"
         if quantized_model:
             return plan.compute_dtype

@@ -57,7 +57,8 @@ class LinearSpec:
     out_features: int
     bias: bool
     weight: str
-    """``dense``, ``nf4``, ``fp4``, ``int8`` or ``fp8`` (the latter dequantized per matmul)."""
+    """``dense``, ``nf4``, ``fp4``, ``int8``, ``fp8`` or ``int`` (GPTQ/AWQ/compressed-tensors);
+    all but ``int8`` are dequantized per matmul."""
     dtype: str
     """Dense weights' dtype (for quantized weights: the bias' dtype)."""
     trainable: bool
@@ -390,9 +391,10 @@ def _base_linear(tp: Tape, ctx: Context, x: Tensor, spec: LinearSpec, out_numel:
         w = tp.param(numel, spec.dtype, spec.trainable)
         return matmul(tp, ctx, x, w, out_numel, bias)
     dequant = const(numel * 2.0)  # the weight dequantized to bf16/fp16 for one matmul
-    if spec.weight in ("nf4", "fp4", "fp8"):
+    if spec.weight != "int8":
         # bitsandbytes Linear4bit: x.to(compute_dtype); MatMul4Bit saves only the packed weight;
         # backward dequantizes again for the input gradient; the output goes back to x's dtype.
+        # Weight-only fp8 and packed-integer (GPTQ, AWQ) layers dequantize the same way.
         xc = cast(tp, x, ctx.compute)
         tp.temporary(dequant, COPIES)
         out = tp.new(out_numel, ctx.compute)

@@ -109,6 +109,18 @@ def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, w
     for e in estimates:
         for w in e.warnings:
             console.print(f"[yellow]warning[/yellow] ({_label(e)}, {w.code}): {w.message}")
+    for e, line in _storage_lines(estimates):
+        console.print(Text.assemble(("note", "cyan"), f" ({_label(e)}, base storage): {line}"))
+
+
+def _storage_lines(estimates: Sequence[MemoryEstimate]) -> list[tuple[MemoryEstimate, str]]:
+    """The base-storage line of each estimate of a pre-quantized checkpoint, with its recipe."""
+    out = []
+    for e in estimates:
+        s = e.base_storage
+        if s is not None:
+            out.append((e, s.note + (f" ({s.reference})" if s.reference else "")))
+    return out
 
 
 def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
@@ -129,4 +141,9 @@ def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
         lines.append("")
         for e, w in warnings:
             lines.append(f"> warning ({_label(e)}, `{w.code}`): {w.message}")
+    notes = _storage_lines(estimates)
+    if notes:
+        lines.append("")
+        for e, line in notes:
+            lines.append(f"> note ({_label(e)}, base storage): {line}")
     return "\n".join(lines) + "\n"

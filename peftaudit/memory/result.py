@@ -48,6 +48,55 @@ PHASES: tuple[str, ...] = ("forward", "backward", "optimizer step")
 
 
 @dataclass(frozen=True)
+class BaseStorage:
+    """How the frozen base weights of a checkpoint with a ``quantization_config`` are stored, and why.
+
+    Parameter counts are logical (as published); the bytes follow the format.
+    """
+
+    source: str
+    """``checkpoint`` (its format), ``dequantized`` (a recipe dequantizes first) or ``override`` (--base-dtype)."""
+    quant_method: str
+    """The checkpoint's ``quant_method`` (``bitsandbytes``, ``gptq``, ``mxfp4``, ...)."""
+    format: str
+    """The checkpoint's format in a few words (``bitsandbytes nf4, double quant``)."""
+    quantized_params: int
+    """Parameters stored packed in this estimate."""
+    packed_bytes: int
+    """Their packed bytes (their constants are the ``quantization_constants`` component)."""
+    constant_bytes: int
+    note: str
+    """One line: what the estimate assumes and why (shown in the terminal and Markdown)."""
+    reference: str | None = None
+    """The fine-tuning recipe the assumption follows, where there is one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "quant_method": self.quant_method,
+            "format": self.format,
+            "quantized_params": self.quantized_params,
+            "packed_bytes": self.packed_bytes,
+            "constant_bytes": self.constant_bytes,
+            "note": self.note,
+            "reference": self.reference,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BaseStorage:
+        return cls(
+            source=str(data["source"]),
+            quant_method=str(data["quant_method"]),
+            format=str(data["format"]),
+            quantized_params=int(data["quantized_params"]),
+            packed_bytes=int(data["packed_bytes"]),
+            constant_bytes=int(data["constant_bytes"]),
+            note=str(data["note"]),
+            reference=None if data.get("reference") is None else str(data["reference"]),
+        )
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Peak memory of one GPU for one plan, by component.
 
@@ -73,6 +122,8 @@ class MemoryEstimate:
     warnings: tuple[PlanWarning, ...] = ()
     source: str = "analytic"
     """``analytic`` or ``trace`` (the fake-tensor oracle)."""
+    base_storage: BaseStorage | None = None
+    """For a checkpoint with its own ``quantization_config``: how its base weights are stored."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -84,7 +135,8 @@ class MemoryEstimate:
         return sum(self.activations_per_layer)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The estimate as JSON data; ``base_storage`` only for checkpoints with a quantization_config."""
+        data = {
             "method": self.method,
             "total_bytes": self.total_bytes,
             "allocated_bytes": self.allocated_bytes,
@@ -98,6 +150,9 @@ class MemoryEstimate:
             "warnings": [w.to_dict() for w in self.warnings],
             "source": self.source,
         }
+        if self.base_storage is not None:
+            data["base_storage"] = self.base_storage.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MemoryEstimate:
@@ -113,4 +168,5 @@ class MemoryEstimate:
             plan=dict(data.get("plan", {})),
             warnings=tuple(PlanWarning(w["code"], w["message"]) for w in data.get("warnings", ())),
             source=str(data.get("source", "analytic")),
+            base_storage=BaseStorage.from_dict(data["base_storage"]) if data.get("base_storage") else None,
         )

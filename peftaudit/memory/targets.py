@@ -211,7 +211,16 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
             raise PlanError("DoRA cannot adapt parameters directly (peft's ParamWrapper); drop target_parameters")
         if plan.dropout > 0:
             raise PlanError("peft's target_parameters do not support LoRA dropout; set dropout to 0")
-        adapters.extend(_param_adapters(inventory, target_parameters, rank_pattern, plan.rank))
+        found = _param_adapters(inventory, target_parameters, rank_pattern, plan.rank)
+        # A name the user gave that matches no parameter is a typo, as an unknown target module is.
+        adapted = [f"{a.path}.{a.parameter}" for a in found]
+        missing = [t for t in plan.target_parameters if not any(k == t or k.endswith("." + t) for k in adapted)]
+        if missing:
+            raise PlanError(
+                f"target_parameters {missing} match no parameter of this {inventory.architecture} "
+                "(give parameter names or their ends, e.g. mlp.experts.gate_up_proj)"
+            )
+        adapters.extend(found)
 
     if not adapters:
         raise PlanError(
@@ -273,7 +282,8 @@ def saved_modules(inventory: Inventory, plan: TrainingPlan) -> tuple[SavedModule
 def _excluded(path: str, plan: TrainingPlan) -> bool:
     if any(path == e or path.endswith("." + e) for e in plan.exclude):
         return True
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in plan.modules_to_save)
+    # peft matches modules_to_save names literally (key.endswith(name)): "(" is a name, not a regex.
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in plan.modules_to_save)
 
 
 def _targeted(names: str | set[str], path: str) -> bool:

@@ -43,11 +43,12 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
+from peftaudit.memory.quantized import WeightFormat, resolve
 from peftaudit.memory.result import COMPONENTS, MemoryEstimate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -521,9 +522,15 @@ def _quant_layer_classes() -> tuple[type, type]:
 
 
 def _quantize_linears(
-    model: Any, plan: TrainingPlan, kind: str, skip: set[str]
+    model: Any, plan: TrainingPlan, kind: str, skip: set[str], formats: Mapping[str, WeightFormat] | None = None
 ) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
-    """Replace frozen ``nn.Linear`` layers by quantized stand-ins; return their extra tensors' shapes."""
+    """Replace frozen ``nn.Linear`` layers by quantized stand-ins; return their extra tensors' shapes.
+
+    ``formats`` are a pre-quantized checkpoint's (:mod:`peftaudit.memory.quantized`): a module in
+    it is stored as its format says; formats without a bitsandbytes layer of their own (fp8,
+    GPTQ, AWQ, compressed-tensors) dequantize per matmul like the 4-bit stand-in, with their
+    packed bytes and constants as fake tensors.
+    """
     import torch
 
     from peftaudit.memory.dtypes import BNB_4BIT_BLOCK, BNB_NESTED_BLOCK
@@ -540,19 +547,36 @@ def _quantize_linears(
         # transformers' Conv1D stores (in, out); bitsandbytes replaces it like a Linear.
         in_f, out_f = module.weight.shape if conv1d else (module.in_features, module.out_features)
         numel = out_f * in_f
+        fmt = (formats or {}).get(name)
+        layer_kind = fmt.kind if fmt is not None else kind
+        double_quant = fmt.double_quant if fmt is not None else plan.double_quant
         with torch.device("meta"):
-            if kind in ("nf4", "fp4"):
+            if fmt is not None and fmt.layout not in ("bnb4", "bnb8"):
                 new = lin4(
                     in_f,
                     out_f,
                     bias=module.bias is not None,
                     compute_dtype=compute,
-                    quant_type=kind,
-                    compress_statistics=plan.double_quant,
+                    quant_type="nf4",
+                    compress_statistics=False,
+                )
+                packed, constants = fmt.storage(out_f, in_f)
+                shapes: dict[str, tuple[tuple[int, ...], str]] = {
+                    "weight": ((packed, 1), "uint8"),
+                    "constants": ((constants,), "uint8"),
+                }
+            elif layer_kind in ("nf4", "fp4"):
+                new = lin4(
+                    in_f,
+                    out_f,
+                    bias=module.bias is not None,
+                    compute_dtype=compute,
+                    quant_type=layer_kind,
+                    compress_statistics=double_quant,
                 )
                 blocks = math.ceil(numel / BNB_4BIT_BLOCK)
-                shapes: dict[str, tuple[tuple[int, ...], str]] = {"weight": (((numel + 1) // 2, 1), "uint8")}
-                if plan.double_quant:
+                shapes = {"weight": (((numel + 1) // 2, 1), "uint8")}
+                if double_quant:
                     shapes.update(
                         absmax=((blocks,), "uint8"),
                         absmax2=((math.ceil(blocks / BNB_NESTED_BLOCK),), "float32"),
@@ -562,7 +586,7 @@ def _quantize_linears(
                 else:
                     shapes.update(absmax=((blocks,), "float32"))
                 shapes["code"] = ((16,), "float32")
-            elif kind == "int8":
+            elif layer_kind == "int8":
                 new = lin8(in_f, out_f, bias=module.bias is not None, has_fp16_weights=False)
                 shapes = {"weight": ((out_f, in_f), "int8"), "SCB": ((out_f,), "float32")}
             else:  # fp8: block-scaled float8 weight, dequantized per matmul like the 4-bit path
@@ -609,7 +633,9 @@ def _prepare_model(
 
     notes: list[str] = []
     inventory = take_inventory(model)
-    adaptation = memory_methods()[plan.method].adapt(inventory, plan)
+    # The same storage decision as the analytic estimate: a checkpoint's quantization_config wins.
+    resolved = resolve(inventory, plan, memory_methods()[plan.method].adapt(inventory, plan))
+    adaptation = resolved.adaptation
     dtype = getattr(torch, _TORCH_DTYPES[plan.weight_dtype])
     model.to(dtype)
     impl = "sdpa" if plan.attention in ("sdpa", "flash") else "eager"
@@ -628,14 +654,23 @@ def _prepare_model(
     if adaptation.quantization is not None:
         from peftaudit.memory.targets import output_head_path
 
-        head = output_head_path(inventory)
-        tied = {p.module for p in inventory.parameters if p.tied_with} | {
-            n.rpartition(".")[0] for p in inventory.parameters for n in p.tied_with
-        }
-        skip = {head or ""} | tied
-        extras = _quantize_linears(model, plan, adaptation.quantization, skip)
+        formats = resolved.checkpoint.formats(inventory) if resolved.checkpoint is not None else {}
+        if resolved.checkpoint is not None:
+            skip = {m.path for m in inventory.modules if m.is_linear} - set(formats)
+            if resolved.checkpoint.expert_formats(inventory):
+                notes.append(
+                    "fused expert weights stay 16-bit in the trace; the checkpoint stores them "
+                    f"{resolved.checkpoint.label} (the analytic estimate counts that)"
+                )
+        else:
+            head = output_head_path(inventory)
+            tied = {p.module for p in inventory.parameters if p.tied_with} | {
+                n.rpartition(".")[0] for p in inventory.parameters for n in p.tied_with
+            }
+            skip = {head or ""} | tied
+        extras = _quantize_linears(model, plan, adaptation.quantization, skip, formats)
         # What transformers sets on a bitsandbytes-quantized model; peft dispatches on it.
-        model.is_loaded_in_4bit = adaptation.quantization in ("nf4", "fp4", "fp8")
+        model.is_loaded_in_4bit = adaptation.quantization in ("nf4", "fp4", "fp8", "int")
         model.is_loaded_in_8bit = adaptation.quantization == "int8"
         if plan.kbit_upcast:
             # prepare_model_for_kbit_training: every non-quantized floating parameter to fp32.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from peftaudit.recommend.findings import Finding, counts
 from peftaudit.recommend.recommendation import Recommendation
 from peftaudit.recommend.references import REFERENCES
+from peftaudit.render.json import dumps
 from peftaudit.render.numbers import count, gib, percent, short
 
 FORMATS: tuple[str, ...] = ("table", "markdown", "json")
@@ -16,7 +16,7 @@ FORMATS: tuple[str, ...] = ("table", "markdown", "json")
 def render_recommendation(rec: Recommendation, fmt: str = "table") -> str:
     """The recommendation in ``fmt`` (``table``, ``markdown`` or ``json``)."""
     if fmt == "json":
-        return json.dumps(rec.to_dict(), indent=2) + "\n"
+        return dumps(rec.to_dict()) + "\n"
     md = fmt == "markdown"
     out: list[str] = []
     recipe, hyper = rec.recipe, rec.recipe.hyper
@@ -120,7 +120,7 @@ def render_findings(findings: Sequence[Finding], fmt: str = "table", *, model_id
     """Findings alone (``peftaudit report --checks``) in ``fmt``."""
     if fmt == "json":
         data = {"model": model_id, "counts": counts(findings), "findings": [f.to_dict() for f in findings]}
-        return json.dumps(data, indent=2) + "\n"
+        return dumps(data) + "\n"
     md = fmt == "markdown"
     out = [
         f"## Readiness{': ' + model_id if model_id else ''}"

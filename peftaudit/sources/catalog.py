@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftaudit.errors import SourceNotFound
 from peftaudit.sources.base import ResolvedModel, SourceOptions
-from peftaudit.sources.build import build_from_config, validate_sizes
+from peftaudit.sources.build import build_from_config, validate_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -105,7 +105,7 @@ class CatalogSource:
 
 def to_resolved(entry: CatalogEntry, *, note: str | None = None) -> ResolvedModel:
     """The catalog entry as a resolved model."""
-    validate_sizes(entry.config, entry.id)
+    validate_config(entry.config, entry.id)
     notes = (note,) if note else ()
     return ResolvedModel(
         id=entry.id,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from peftaudit.errors import ConfigError
 from peftaudit.sources.base import ResolvedModel, SourceOptions
-from peftaudit.sources.build import build_from_config, read_config_file, validate_sizes
+from peftaudit.sources.build import build_from_config, read_config_file, validate_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -21,19 +21,21 @@ class LocalSource:
 
     def resolve(self, spec: str, options: SourceOptions) -> ResolvedModel | None:
         path = os.path.expanduser(spec)
+        # exists(), not isfile(): a FIFO or device named config.json is refused by
+        # read_config_file with the reason, not reported as missing.
         if os.path.isdir(path):
             config_path = os.path.join(path, "config.json")
-            if not os.path.isfile(config_path):
+            if not os.path.exists(config_path):
                 raise ConfigError(f"{spec}: directory has no config.json")
             local_dir = path
-        elif os.path.isfile(path):
+        elif os.path.exists(path):
             config_path, local_dir = path, os.path.dirname(os.path.abspath(path))
         elif _looks_like_path(spec):
             raise ConfigError(f"{spec}: no such file or directory")
         else:
             return None
         config = read_config_file(config_path, spec)
-        validate_sizes(config, spec)
+        validate_config(config, spec)
         return ResolvedModel(
             id=spec,
             source=self.name,

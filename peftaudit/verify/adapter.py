@@ -15,7 +15,8 @@ from typing import Any
 
 from peftaudit.verify.causes import Cause
 from peftaudit.verify.compare import compare, nonfinite_count
-from peftaudit.verify.expectations import BASE_REWRITING_INITS, Expectations, Pattern
+from peftaudit.verify.expectations import Expectations, Pattern
+from peftaudit.verify.lora_config import LoraSettings
 from peftaudit.verify.snapshots import Snapshot
 from peftaudit.verify.verdict import Finding, Problem, Verdict, severity_for
 
@@ -119,30 +120,37 @@ def _fits(weight: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...], embed
     return weight[0] == fan_out and math.prod(weight[1:]) == fan_in
 
 
-def module_matches(module: str, keys: Sequence[str] | str | None) -> bool:
-    """peft's rule for ``modules_to_save`` / ``target_modules`` entries: a regex string, or name suffixes."""
-    if not keys:
-        return False
-    if isinstance(keys, str):
-        return re.fullmatch(keys, module) is not None
-    return any(module == k or module.endswith("." + k) for k in keys)
-
-
-def copy_role(base_name: str, config: Mapping[str, Any] | None) -> str:
+def copy_role(base_name: str, lora: LoraSettings) -> str:
     """Why an adapter holds a full copy of a base tensor: "modules_to_save", "bias", or ""."""
-    if config is None:
-        return ""
-    module = base_name.rsplit(".", 1)[0]
-    if module_matches(module, config.get("modules_to_save")):
+    if lora.module_matches(base_name.rsplit(".", 1)[0]):
         return "modules_to_save"
-    if base_name.endswith(".bias") and config.get("bias") in ("all", "lora_only"):
+    if base_name.endswith(".bias") and lora.bias in ("all", "lora_only"):
         return "bias"
     return ""
+
+
+def rank_mismatch(pair: LoraPair, adapter: Snapshot, target: str | None, base: Snapshot, lora: LoraSettings) -> str:
+    """Why ``pair``'s factors do not have the rank its config gives it ("" when they do).
+
+    peft builds each module with the config's rank (``r`` or a ``rank_pattern``
+    entry) and refuses to load factors of another size, so such an adapter
+    cannot be what the config describes. Fused expert tensors (3-D targets)
+    stack one factor per expert and are left to the shape check.
+    """
+    if target is not None and len(base[target].shape) > 2:
+        return ""
+    rows = adapter[pair.a].shape[0] if adapter[pair.a].shape else 0
+    rank, key = lora.rank_for(pair.module)
+    if rows in (0, rank):
+        return ""
+    said = f"rank_pattern[{key!r}] {rank}" if key is not None else f"r {rank}"
+    return f"has rank {rows} but {lora.where} gives {said}: peft cannot load it with this config"
 
 
 def audit_adapter(
     base: Snapshot,
     adapter: Snapshot,
+    lora: LoraSettings,
     *,
     must: Sequence[Pattern] = (),
     may: Sequence[Pattern] = (),
@@ -151,12 +159,13 @@ def audit_adapter(
     """Check a saved adapter against the base it was trained on.
 
     Every LoRA pair must target a base tensor of matching shape and must have
-    moved (``lora_B`` not zero, not empty, finite); a full copy of a base
-    tensor must differ from the base if it was trained on purpose, and must be
-    one the config (or an ``--expect``/``--allow`` pattern) says to save.
+    moved (``lora_B`` not zero, not empty, finite) and have the rank the
+    config gives it; a full copy of a base tensor must differ from the base
+    if it was trained on purpose, and must be one the config (or an
+    ``--expect``/``--allow`` pattern) says to save. ``lora`` is the adapter's
+    config, read by :func:`read_lora_settings`.
     """
     layout = read_layout([t.name for t in adapter])
-    config = adapter.adapter_config
     findings: list[Finding] = []
     patterns = tuple(must) + tuple(may)
 
@@ -182,6 +191,9 @@ def audit_adapter(
                 pair.b,
                 f"factors {list(a.shape)} x {list(b.shape)} do not fit {target} {list(base[target].shape)}",
             )
+        mismatch = rank_mismatch(pair, adapter, target, base, lora)
+        if mismatch:
+            add(Problem.RESHAPED, pair.a, mismatch)
         if a.numel == 0 or b.numel == 0:
             empty = pair.a if a.numel == 0 else pair.b
             add(Problem.UNCHANGED, empty, "expected to change but is empty", Cause.EMPTY_TENSOR)
@@ -195,7 +207,7 @@ def audit_adapter(
             add(Problem.NONFINITE, key, f"{count} NaN/Inf elements")
     for key, copied in layout.copies.items():
         saved = adapter[key]
-        reason = copy_role(copied, config)
+        reason = copy_role(copied, lora)
         wanted = expected(key)
         allowed = wanted if wanted is not None else bool(reason)
         base_name = _in_base(copied, base) or copied
@@ -240,7 +252,7 @@ def audit_adapter(
         changed=changed,
         intended=intended,
         intended_changed=intended_changed,
-        expectations=("adapter_config.json",) + (("--expect",) if patterns else ()),
+        expectations=(lora.origin,) + (("--expect",) if patterns else ()),
     )
 
 
@@ -260,19 +272,20 @@ class MergePlan:
     ``targets`` maps each target base tensor to the LoRA pair merged into it;
     ``copies`` maps each base tensor the adapter saved whole (``modules_to_save``,
     trained biases) to its adapter key; ``unresolved`` are pairs whose target
-    the base checkpoint does not name.
+    the base checkpoint does not name; ``lora`` is the adapter's config, which
+    gives each target's scale.
     """
 
     expectations: Expectations
     targets: Mapping[str, LoraPair]
     copies: Mapping[str, str]
     unresolved: tuple[LoraPair, ...]
+    lora: LoraSettings
 
 
-def merged_expectations(base: Snapshot, adapter: Snapshot) -> MergePlan:
+def merged_expectations(base: Snapshot, adapter: Snapshot, lora: LoraSettings) -> MergePlan:
     """What a merge of ``adapter`` into ``base`` may change: its targets and its saved copies."""
     layout = read_layout([t.name for t in adapter])
-    config = adapter.adapter_config or {}
     targets: dict[str, LoraPair] = {}
     unresolved = []
     for pair in layout.pairs:
@@ -282,13 +295,11 @@ def merged_expectations(base: Snapshot, adapter: Snapshot) -> MergePlan:
         else:
             targets[target] = pair
     copies = {_in_base(name, base) or name: key for key, name in layout.copies.items()}
-    init = config.get("init_lora_weights")
-    rewrites = isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS)
     expectations = Expectations(
         must=frozenset(targets),
         may=frozenset(copies),
         targets=frozenset(p.module for p in layout.pairs),
-        rewrites_base=rewrites,
-        origin=("adapter",),
+        rewrites_base=lora.rewrites_base,
+        origin=("adapter", lora.origin),
     )
-    return MergePlan(expectations, targets, copies, tuple(unresolved))
+    return MergePlan(expectations, targets, copies, tuple(unresolved), lora)

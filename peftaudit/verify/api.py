@@ -14,6 +14,7 @@ from peftaudit.verify.checkpoint import SafetensorsValues, locate
 from peftaudit.verify.diff import Evidence, diff
 from peftaudit.verify.expectations import Expectations, Role, from_patterns, patterns
 from peftaudit.verify.fingerprint import SamplePolicy, TensorFingerprint, digest_chunks
+from peftaudit.verify.lora_config import read_lora_settings
 from peftaudit.verify.lowrank import DEFAULT_BUDGET, check_merge
 from peftaudit.verify.snapshots import Snapshot, is_snapshot_file
 from peftaudit.verify.values import Progress, parallel_map
@@ -230,15 +231,18 @@ def verify(
     try:
         before_snap = load(before)
         if after is None:
+            adapter_snap = load(adapter)
+            lora = read_lora_settings(adapter_snap.adapter_config, _config_where(adapter, adapter_snap))
             return audit_adapter(
-                before_snap, load(adapter), must=patterns(expect), may=patterns(allow), tolerate=tolerated
+                before_snap, adapter_snap, lora, must=patterns(expect), may=patterns(allow), tolerate=tolerated
             )
         after_snap = load(after)
         expectations = _expectations(before_snap, after_snap, after)
         merge = None
         if adapter is not None:
             adapter_snap = load(adapter)
-            merge = merged_expectations(before_snap, adapter_snap)
+            lora = read_lora_settings(adapter_snap.adapter_config, _config_where(adapter, adapter_snap))
+            merge = merged_expectations(before_snap, adapter_snap, lora)
             expectations = expectations.combine(merge.expectations)
         expectations = expectations.combine(from_patterns(expect, allow))
         if distributed and evidence is not None:
@@ -255,6 +259,18 @@ def verify(
         for snap in opened:
             if isinstance(snap.values, SafetensorsValues):
                 snap.values.close()
+
+
+def _config_where(source: Source, snap: Snapshot) -> str:
+    """The adapter_config.json an adapter's settings come from, as a user would name it."""
+    if isinstance(source, (str, os.PathLike)):
+        if is_snapshot_file(source):
+            return f"the adapter_config.json recorded in {source}"
+        path = Path(source)
+        return str((path if path.is_dir() else path.parent) / "adapter_config.json")
+    if isinstance(source, Snapshot):
+        return f"the adapter_config.json recorded in the snapshot of {snap.source}"
+    return f"{snap.source}: adapter_config.json (pass the adapter as the folder save_pretrained wrote)"
 
 
 def _is_module(source: Source) -> bool:

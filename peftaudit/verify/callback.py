@@ -8,7 +8,6 @@ raises (stopping the run) or warns, by setting.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from peftaudit.render.json import dumps
 from peftaudit.verify.api import snapshot, verify
 from peftaudit.verify.diff import Evidence
 from peftaudit.verify.expectations import Role, from_model, from_patterns
@@ -125,7 +125,7 @@ class PeftAuditCallback(TrainerCallback):
         )
         self.verdicts.append((state.global_step, verdict))
         if state.is_world_process_zero and where is not None and where.is_dir():
-            (where / VERDICT_FILE).write_text(json.dumps(verdict.to_dict(), indent=2), encoding="utf-8")
+            (where / VERDICT_FILE).write_text(dumps(verdict.to_dict()), encoding="utf-8")
         if not verdict.ok:
             if self.on_failure == "raise":
                 verdict.raise_for_failures()

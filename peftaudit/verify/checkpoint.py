@@ -13,18 +13,20 @@ import contextlib
 import json
 import mmap
 import os
+import re
+import stat as stat_module
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
 from peftaudit.verify.dtypes import lookup
 from peftaudit.verify.errors import CheckpointError
 from peftaudit.verify.fingerprint import CHUNK_BYTES, Buffer
-from peftaudit.verify.safetensors_format import HeaderEntry, header_length, parse_header
+from peftaudit.verify.safetensors_format import HeaderEntry, header_length, parse_header, refuse_constant
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 #: Index and config files are small; a huge one is refused rather than read.
@@ -80,6 +82,8 @@ def locate(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Check
         kind, files, index = "pickle", [target], None
     else:
         raise CheckpointError(f"{target}: not a checkpoint (expected .safetensors, an index, or a directory)")
+    for file in files:
+        _require_regular(file)
     if kind == "pickle" and not allow_pickle:
         raise CheckpointError(
             f"{target}: holds pickle weights ({files[0].name}); pickle can run code on load, so it is "
@@ -107,10 +111,51 @@ def locate(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Check
     )
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file (symlinks followed); refuse anything else.
+
+    A named pipe would block ``open()`` until a writer appears, and a device
+    would be read without end, so the file is opened non-blocking and its
+    type checked on the open descriptor (no window between check and open).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat_module.S_ISREG(mode):
+            raise CheckpointError(f"{path}: not a regular file ({_file_kind(mode)}); refusing to read it")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat_module.S_ISFIFO, "a named pipe"),
+        (stat_module.S_ISCHR, "a character device"),
+        (stat_module.S_ISBLK, "a block device"),
+        (stat_module.S_ISSOCK, "a socket"),
+        (stat_module.S_ISDIR, "a directory"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def _require_regular(path: Path) -> None:
+    """Refuse a weight file that is not a regular file before anything opens it (torch.load would block on a FIFO)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not stat_module.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file ({_file_kind(mode)}); refusing to read it")
+
+
 def read_safetensors_header(file: Path) -> tuple[tuple[HeaderEntry, ...], _Stamp]:
     """Parse and validate one safetensors file's header."""
     try:
-        with open(file, "rb") as handle:
+        with open_regular(file) as handle:
             stat = os.fstat(handle.fileno())
             n = header_length(handle.read(8), stat.st_size, str(file))
             header = parse_header(handle.read(n), stat.st_size, str(file))
@@ -153,10 +198,12 @@ def _choose_files(
 
 def _load_json(path: Path, what: str) -> Any:
     try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: {what} of {size} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{path}: {what} of {size} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
+            # NaN and Infinity are Python's extension, not JSON: refused here so they never reach a snapshot.
+            return json.loads(handle.read(MAX_JSON_BYTES + 1).decode("utf-8"), parse_constant=refuse_constant)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -164,29 +211,49 @@ def _load_json(path: Path, what: str) -> Any:
 
 
 def _read_index(index: Path) -> list[Path]:
-    """Shard files an index names, each confined to the index's own directory."""
+    """Shard files an index names, each confined to the index's own directory (or its hub cache repo)."""
     data = _load_json(index, "index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: index has no weight_map")
-    root = index.parent.resolve()
+    root, where = confinement(index)
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
             raise CheckpointError(f"{index}: weight_map entry for {tensor!r} is not a file name")
         if shard not in shards:
-            shards[shard] = _confined(index, root, shard)
+            shards[shard] = _confined(index, root, where, shard)
     return list(shards.values())
 
 
-def _confined(index: Path, root: Path, shard: str) -> Path:
+#: Repository folders of a Hugging Face hub cache: ``models--org--name`` (and datasets, spaces).
+_HUB_REPO_FOLDER = re.compile(r"^(models|datasets|spaces)--.+")
+
+
+def confinement(index: Path) -> tuple[Path, str]:
+    """The folder an index's shards must resolve into, and its name for messages.
+
+    Normally the index's own directory. In a Hugging Face hub cache
+    (``<cache>/models--org--name/snapshots/<revision>/``) every file is a
+    symlink into ``../../blobs/``, so there the repository's folder
+    ``models--org--name`` is the boundary: a shard may resolve into its blobs,
+    never into another repository or anywhere else.
+    """
+    root = index.parent.resolve()
+    for folder in (root, *root.parents):
+        if folder.name == "snapshots" and _HUB_REPO_FOLDER.match(folder.parent.name) and folder != root:
+            return folder.parent, f"the hub cache folder {folder.parent}"
+    return root, "the checkpoint directory"
+
+
+def _confined(index: Path, root: Path, where: str, shard: str) -> Path:
     candidate = Path(shard)
     if candidate.is_absolute() or candidate.drive or ".." in candidate.parts:
         raise CheckpointError(f"{index}: shard {shard!r} points outside the checkpoint directory")
-    resolved = (root / candidate).resolve()
+    resolved = (index.parent / candidate).resolve()
     if not resolved.is_relative_to(root):
-        raise CheckpointError(f"{index}: shard {shard!r} resolves outside the checkpoint directory")
-    if not resolved.is_file():
+        raise CheckpointError(f"{index}: shard {shard!r} resolves outside {where} (to {resolved})")
+    if not resolved.exists():  # a file that is not regular is refused when it is opened
         raise CheckpointError(f"{index}: shard {shard!r} is missing")
     return index.parent / candidate
 
@@ -206,7 +273,7 @@ def _check_index_matches(index: Path, entries: Mapping[str, tuple[Path, HeaderEn
 
 def _read_adapter_config(root: Path) -> dict[str, Any] | None:
     path = root / "adapter_config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     data = _load_json(path, "adapter config")
     if not isinstance(data, dict):
@@ -226,7 +293,7 @@ class SafetensorsValues:
         with self._lock:
             mapped = self._maps.get(path)
             if mapped is None:
-                with open(path, "rb") as handle:
+                with open_regular(path) as handle:
                     stat = os.fstat(handle.fileno())
                     expected = self._layout.stamps[path]
                     if (stat.st_size, stat.st_mtime_ns) != (expected.size, expected.mtime_ns):

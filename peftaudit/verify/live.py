@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -201,18 +202,30 @@ def gradient_seen(model: torch.nn.Module, names: frozenset[str]) -> frozenset[st
     return frozenset(seen) if any_grad else None
 
 
+def _unpickler_reason(exc: Exception) -> str:
+    """The reason in torch's weights-only refusal, without its paragraph of advice to load unsafely."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.DOTALL)
+    return " ".join(found.group(1).split()) if found and found.group(1).strip() else text
+
+
 def load_pickle(files: Sequence[Path]) -> dict[str, torch.Tensor]:
     """Tensors from pickle checkpoints, loaded with ``weights_only=True`` (no code runs)."""
     out: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            try:
-                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                # Legacy (non-zip) pickles cannot be memory-mapped.
-                loaded = torch.load(file, map_location="cpu", weights_only=True)
+            # torch warns (UserWarning) about pickle protocols other than 2, on every load: not ours to show.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:
+                    # Legacy (non-zip) pickles cannot be memory-mapped.
+                    loaded = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{file}: refused by torch.load(weights_only=True): {exc}") from None
+            raise CheckpointError(
+                f"{file}: refused by torch.load(weights_only=True): {_unpickler_reason(exc)}"
+            ) from None
         if not isinstance(loaded, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
         ):

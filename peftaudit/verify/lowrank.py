@@ -8,30 +8,29 @@ real one. Rounding makes the merged delta full-rank in the last bits, so the
 element is off by at most ``eps * (|merged| + |delta|)``, and by Weyl's
 inequality the noise moves any singular value by at most its Frobenius norm.
 
-When the adapter's factors and scaling are known, the sampled delta is also
-compared elementwise with ``scale * B @ A`` (same noise bound, plus the
-adapter's own rounding): a merge with the wrong scale or the wrong adapter
-fails even though its rank is fine.
+The sampled delta is also compared elementwise with ``scale * B @ A`` (same
+noise bound, plus the adapter's own rounding), the scale being peft's for
+that module (:mod:`lora_config`, never skipped): a merge with the wrong scale
+or the wrong adapter fails even though its rank is fine, and the finding says
+which multiple of ``B @ A`` the delta actually is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from peftaudit.verify.adapter import LoraPair, MergePlan
+from peftaudit.verify.adapter import LoraPair, MergePlan, rank_mismatch
 from peftaudit.verify.causes import Cause
 from peftaudit.verify.dtypes import can_decode, decode, lookup
 from peftaudit.verify.fingerprint import TensorFingerprint
+from peftaudit.verify.lora_config import LoraSettings
 from peftaudit.verify.snapshots import Snapshot
 from peftaudit.verify.values import ValueSource
-from peftaudit.verify.verdict import Finding, Problem, Severity, Verdict
+from peftaudit.verify.verdict import Finding, MergeScale, Problem, Severity, Verdict
 
 #: Elements read per matrix by default (base and merged each): 4M, about 32 MB of float64.
 DEFAULT_BUDGET = 1 << 22
@@ -49,17 +48,6 @@ def _decode_tensor(fp: TensorFingerprint, values: ValueSource) -> np.ndarray | N
         return None
     array = decode(fp.dtype, values.read(fp.name, 0, fp.numel))
     return None if array is None else array.reshape(fp.shape)
-
-
-def scaling_for(module: str, rank: int, config: Mapping[str, Any]) -> float | None:
-    """peft's scaling for a module: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
-    alpha = config.get("lora_alpha")
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            alpha = value
-    if not isinstance(alpha, (int, float)) or rank <= 0:
-        return None
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def _rows(count: int, wanted: int) -> np.ndarray:
@@ -103,22 +91,24 @@ def check_merge(
     """
     findings: list[Finding] = []
     unchanged: dict[str, Cause] = {}
-    config = adapter.adapter_config or {}
+    lora = plan.lora
     for name, pair in plan.targets.items():
+        mismatch = rank_mismatch(pair, adapter, name, base, lora)
+        if mismatch:
+            findings.append(Finding(Problem.RESHAPED, pair.a, Severity.FAILURE, mismatch))
         if name not in base or name not in merged:
             continue
         b_fp, m_fp = base[name], merged[name]
         if b_fp.same_bytes(m_fp):
             unchanged[name] = Cause.LORA_B_ZERO if adapter[pair.b].is_zero else Cause.NOT_MERGED
             continue
-        if b_fp.shape != m_fp.shape or b_fp.dtype != m_fp.dtype or config.get("use_dora"):
+        if b_fp.shape != m_fp.shape or b_fp.dtype != m_fp.dtype or lora.use_dora:
             continue  # reported by the diff; DoRA merges are not low-rank
         if base.values is None or merged.values is None or adapter.values is None or not can_decode(b_fp.dtype):
             continue
         dtype = lookup(b_fp.dtype)
         eps = dtype.eps if dtype else 0.0
-        found = _check_one(name, pair, b_fp, m_fp, base, merged, adapter, config, eps, budget)
-        findings.extend(Finding(problem, name, Severity.FAILURE, message) for problem, message in found)
+        findings.extend(_check_one(name, pair, b_fp, m_fp, base, merged, adapter, lora, eps, budget))
     for name, key in plan.copies.items():
         saved, result = adapter[key], merged.by_name.get(name)
         # A dtype change of the copy is the diff's to report; equal types must be equal bytes.
@@ -150,10 +140,10 @@ def _check_one(
     base: Snapshot,
     merged: Snapshot,
     adapter: Snapshot,
-    config: Mapping[str, Any],
+    lora: LoraSettings,
     eps: float,
     budget: int,
-) -> list[tuple[Problem, str]]:
+) -> list[Finding]:
     assert base.values is not None and merged.values is not None and adapter.values is not None
     a_raw = _decode_tensor(adapter[pair.a], adapter.values)
     b_raw = _decode_tensor(adapter[pair.b], adapter.values)
@@ -163,7 +153,11 @@ def _check_one(
     b = b_raw.reshape(b_raw.shape[0], -1)
     rank = a.shape[0]
     shape = b_fp.shape
-    out: list[tuple[Problem, str]] = []
+    out: list[Finding] = []
+
+    def fail(problem: Problem, message: str, scale: MergeScale | None = None) -> None:
+        out.append(Finding(problem, name, Severity.FAILURE, message, scale=scale))
+
     if len(shape) == 3 and a_raw.ndim == 2:
         # Fused MoE experts: each expert's slice has its own rank-(rank / experts) delta.
         experts, rows_n, width = shape
@@ -178,12 +172,10 @@ def _check_one(
             if sigma > noise and sigma / noise > (worst[0] / worst[1] if worst[1] else 0.0):
                 worst = (sigma, noise, e)
         if worst[2] >= 0:
-            out.append(
-                (
-                    Problem.RANK_EXCEEDED,
-                    f"expert {worst[2]}: delta has rank > {per_expert}: "
-                    f"singular value {per_expert + 1} is {worst[0]:.3g}, rounding allows {worst[1]:.3g}",
-                )
+            fail(
+                Problem.RANK_EXCEEDED,
+                f"expert {worst[2]}: delta has rank > {per_expert}: "
+                f"singular value {per_expert + 1} is {worst[0]:.3g}, rounding allows {worst[1]:.3g}",
             )
         return out
 
@@ -195,25 +187,25 @@ def _check_one(
     delta = merged_rows - base_rows
     sigma, noise = _sigma_after(delta, merged_rows, rank, eps)
     if sigma > noise:
-        out.append(
-            (
-                Problem.RANK_EXCEEDED,
-                f"delta has rank > {rank}: singular value {rank + 1} of "
-                f"{rows.size} sampled rows is {sigma:.3g}, rounding allows {noise:.3g}",
-            )
+        fail(
+            Problem.RANK_EXCEEDED,
+            f"delta has rank > {rank}: singular value {rank + 1} of "
+            f"{rows.size} sampled rows is {sigma:.3g}, rounding allows {noise:.3g}",
         )
-    scale = scaling_for(pair.module, rank, config)
-    if scale is None or len(shape) != 2:
+    if len(shape) != 2:
         return out
+    rule = lora.scale_for(pair.module)
+    scale = rule.value
     transposed = pair.embedding or (
-        shape == (a.shape[1], b.shape[0]) and (shape != (b.shape[0], a.shape[1]) or bool(config.get("fan_in_fan_out")))
+        shape == (a.shape[1], b.shape[0]) and (shape != (b.shape[0], a.shape[1]) or lora.fan_in_fan_out)
     )
     if transposed:
-        expected = scale * (a[:, rows].T @ b.T)
+        product = a[:, rows].T @ b.T
         magnitude = abs(scale) * (np.abs(a[:, rows]).T @ np.abs(b).T)
     else:
-        expected = scale * (b[rows] @ a)
+        product = b[rows] @ a
         magnitude = abs(scale) * (np.abs(b[rows]) @ np.abs(a))
+    expected = scale * product
     factor_dtype = lookup(adapter[pair.a].dtype)
     factor_eps = factor_dtype.eps if factor_dtype else 0.0
     tolerance = (
@@ -224,12 +216,33 @@ def _check_one(
     excess = np.abs(delta - expected) / tolerance
     bad = int(np.count_nonzero(excess > 1.0))
     if bad:
-        out.append(
-            (
-                Problem.MERGE_MISMATCH,
-                f"merged delta differs from scale*B@A (scale {scale:.4g}) beyond "
-                f"rounding in {bad} of {excess.size} sampled elements (worst {float(excess.max()):.3g}x "
-                "the tolerance)",
-            )
+        found = _fitted_scale(delta, product)
+        if found is None:
+            shown = "it is no multiple of B@A"
+        else:
+            ratio = f", {found / scale:.3g}x the expected scale" if scale else ""
+            shown = f"found scale {found:.4g}{ratio}"
+        fail(
+            Problem.MERGE_MISMATCH,
+            f"merged delta differs from scale*B@A (scale {scale:.4g} = {rule.rule}) beyond "
+            f"rounding in {bad} of {excess.size} sampled elements (worst {float(excess.max()):.3g}x "
+            f"the tolerance); {shown}",
+            MergeScale(expected=scale, found=found, rule=rule.rule),
         )
     return out
+
+
+def _fitted_scale(delta: np.ndarray, product: np.ndarray) -> float | None:
+    """The scale ``s`` for which ``s * B@A`` is closest to the delta (least squares), if it explains it.
+
+    None when B@A is zero or the fit leaves most of the delta unexplained
+    (another adapter was merged, or something else changed the weight).
+    """
+    norm = float(np.sum(product * product))
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    found = float(np.sum(delta * product)) / norm
+    residual = float(np.linalg.norm(delta - found * product))
+    if not math.isfinite(found) or residual > 0.5 * float(np.linalg.norm(delta)):
+        return None
+    return found

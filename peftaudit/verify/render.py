@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from peftaudit.render.json import dumps
 from peftaudit.verify.causes import Cause
 from peftaudit.verify.values import Progress
 from peftaudit.verify.verdict import Finding, Severity, Verdict, format_size
@@ -20,7 +20,7 @@ DEFAULT_ROWS = 40
 
 def to_json(verdict: Verdict) -> str:
     """The verdict as indented JSON (``Verdict.to_dict``)."""
-    return json.dumps(verdict.to_dict(), indent=2)
+    return dumps(verdict.to_dict())
 
 
 def render_text(

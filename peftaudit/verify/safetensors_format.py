@@ -77,7 +77,7 @@ def parse_header(header_json: bytes, file_size: int, where: str) -> Header:
     if not text.startswith("{"):
         raise CheckpointError(f"{where}: header does not start with a JSON object")
     try:
-        raw = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+        raw = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{where}: header is not valid JSON: {_short(exc)}") from None
     if not isinstance(raw, dict):
@@ -155,7 +155,8 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _refuse_constant(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
+    """``json.loads(parse_constant=...)``: NaN, Infinity and -Infinity are not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftaudit._version import __version__
+from peftaudit.errors import PeftauditError
+from peftaudit.render.json import dumps
 from peftaudit.verify.errors import SnapshotError
 from peftaudit.verify.expectations import Expectations
 from peftaudit.verify.fingerprint import HASH_NAME, SamplePolicy, TensorFingerprint
@@ -111,10 +114,15 @@ class Snapshot:
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"{where}: malformed snapshot: {exc!r}") from None
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the JSON form atomically: readers see the old file or the whole new one."""
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write the JSON form atomically: readers see the old file or the whole new one.
+
+        An existing file at ``path`` is replaced only if it is a snapshot
+        (see :func:`check_snapshot_target`), unless ``force``.
+        """
         target = Path(path)
-        text = json.dumps(self.to_dict(), separators=(",", ":"))
+        check_snapshot_target(target, source=self.source, force=force)
+        text = dumps(self.to_dict(), compact=True)
         write_atomically(target, text)
         return target
 
@@ -141,9 +149,58 @@ def is_snapshot_file(path: str | os.PathLike[str]) -> bool:
     return target.is_file() and target.suffix == ".json" and not target.name.endswith(".index.json")
 
 
+#: A file larger than this is not read to find out whether it is a snapshot (snapshots are small).
+MAX_SNAPSHOT_PROBE = 256 << 20
+
+
+def check_snapshot_target(
+    path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None, force: bool = False
+) -> None:
+    """Refuse to write a snapshot over an existing file that is not one, unless ``force``.
+
+    A regular file (symlinks followed) may be replaced only if it is a
+    peftaudit snapshot: ``snapshot CKPT -o CKPT/model.safetensors`` must not
+    destroy the checkpoint it fingerprints, nor any other file named by
+    mistake. New paths, devices and pipes are not refused. ``source`` (the
+    checkpoint being fingerprinted) only sharpens the message.
+    """
+    target = Path(path)
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        return  # a new path, or one the write itself will report
+    if force or not stat.S_ISREG(mode) or _is_snapshot(target):
+        return
+    what = "is not a peftaudit snapshot"
+    if source is not None and _inside(target, Path(source)):
+        what = f"is a file of the checkpoint being fingerprinted ({source}), not a peftaudit snapshot"
+    raise SnapshotError(f"{target}: {what}; refusing to overwrite it (pass --force to replace it anyway)")
+
+
+def _inside(target: Path, source: Path) -> bool:
+    try:
+        real, root = target.resolve(), source.resolve()
+    except OSError:
+        return False
+    return real == root or (root.is_dir() and real.is_relative_to(root))
+
+
+def _is_snapshot(path: Path) -> bool:
+    from peftaudit.verify.checkpoint import open_regular
+
+    try:
+        with open_regular(path) as handle:
+            if os.fstat(handle.fileno()).st_size > MAX_SNAPSHOT_PROBE or not handle.read(64).lstrip().startswith(b"{"):
+                return False
+            handle.seek(0)
+            data = json.loads(handle.read().decode("utf-8"))
+    except (OSError, PeftauditError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
 def write_atomically(target: Path, text: str) -> None:
     """Write ``text`` to ``target`` atomically (see :func:`peftaudit.files.write_atomic`)."""
-    from peftaudit.errors import PeftauditError
     from peftaudit.files import write_atomic
 
     try:

@@ -46,6 +46,24 @@ def severity_for(cause: Cause | None, tolerate: frozenset[Cause] = frozenset()) 
 
 
 @dataclass(frozen=True)
+class MergeScale:
+    """The LoRA scale a merged target should carry, and the one its delta shows.
+
+    ``expected`` is peft's scale from the adapter's config and ``rule`` says
+    how it was derived (``lora_alpha 16 / r 8``); ``found`` is the
+    least-squares multiple of ``B @ A`` that best matches the sampled delta,
+    or None when no multiple of ``B @ A`` explains it.
+    """
+
+    expected: float
+    found: float | None
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expected": self.expected, "found": self.found, "rule": self.rule}
+
+
+@dataclass(frozen=True)
 class Finding:
     """One thing the verifier found about one tensor (or pattern)."""
 
@@ -56,6 +74,8 @@ class Finding:
     cause: Cause | None = None
     size: ChangeSize | None = None
     related: tuple[str, ...] = ()
+    #: merge-mismatch findings: the scale expected and the scale found.
+    scale: MergeScale | None = None
 
     def line(self) -> str:
         """The finding in one line, with its cause when one is named."""
@@ -76,6 +96,7 @@ class Finding:
             "cause_explanation": None if self.cause is None else self.cause.explanation,
             "size": None if self.size is None else self.size.to_dict(),
             "related": list(self.related),
+            "scale": None if self.scale is None else self.scale.to_dict(),
         }
 
 

@@ -173,3 +173,41 @@ def test_help_imports_nothing_heavy(command: str) -> None:
     result = run_python(code)
     assert "usage: peftaudit " + command in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_snapshot_replaces_a_snapshot_but_nothing_else_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, after = checkpoints(tmp_path)
+    target = tmp_path / "snap.json"
+    assert cli(capsys, "snapshot", base, "-o", target)[0] == 0
+    first = json.loads(target.read_text())
+    code, _, err = cli(capsys, "snapshot", after, "-o", target)  # a snapshot may be replaced
+    assert code == 0, err
+    assert json.loads(target.read_text())["tensors"] != first["tensors"]
+    weights = (base / "model.safetensors").read_bytes()
+    code, out, err = cli(capsys, "snapshot", base, "-o", base / "model.safetensors")
+    assert code == 2 and out == ""
+    assert "is a file of the checkpoint being fingerprinted" in err and "--force" in err
+    assert (base / "model.safetensors").read_bytes() == weights
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"format": "something else"}')
+    code, _, err = cli(capsys, "snapshot", base, "-o", notes)
+    assert code == 2 and f"{notes}: is not a peftaudit snapshot" in err
+    code, _, err = cli(capsys, "snapshot", base, "-o", notes, "--force")
+    assert code == 0, err
+    assert json.loads(notes.read_text())["format"] == "peftaudit-snapshot"
+
+
+def test_snapshot_save_refuses_to_replace_what_is_not_a_snapshot(tmp_path: Path) -> None:
+    from peftaudit.verify import SnapshotError, snapshot
+
+    base, _ = checkpoints(tmp_path)
+    snap = snapshot(base)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\x00" * 16)
+    with pytest.raises(SnapshotError, match="is not a peftaudit snapshot"):
+        snap.save(other)
+    assert other.read_bytes() == b"\x00" * 16
+    snap.save(other, force=True)
+    assert json.loads(other.read_text())["format"] == "peftaudit-snapshot"
