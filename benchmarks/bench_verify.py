@@ -31,7 +31,7 @@ TENSOR_MIB = 64
 CHILD = """
 import json, sys, time
 from peftaudit.cli import main
-import peftaudit.verify, peftaudit.commands.verify, peftaudit.verify.render, rich.console, rich.table
+import peftaudit.verification, peftaudit.commands.verify, peftaudit.verification.render, rich.console, rich.table
 def status_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -67,7 +67,7 @@ def write_pair(root: Path, gib: float, shards: int) -> tuple[Path, Path, int]:
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
     shutil.copytree(base, tuned)
     # Patch two bytes inside the first tensor of each shard of the copy: one unexpected change per shard.
-    from peftaudit.verify.checkpoint import read_safetensors_header
+    from peftaudit.verification.checkpoint import read_safetensors_header
 
     for shard in sorted(tuned.glob("*.safetensors")):
         entries, _ = read_safetensors_header(shard)

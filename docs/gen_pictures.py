@@ -93,8 +93,8 @@ def verify_failure_svg() -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftaudit.verify import snapshot, verify
-    from peftaudit.verify.render import render_text
+    from peftaudit.verification import snapshot, verify
+    from peftaudit.verification.render import render_text
 
     torch.manual_seed(0)
     config = LlamaConfig(

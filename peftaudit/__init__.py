@@ -26,15 +26,40 @@ _LAZY: dict[str, str] = {
     "Report": "peftaudit.report",
     "Inventory": "peftaudit.inventory",
     "take_inventory": "peftaudit.inventory",
-    "snapshot": "peftaudit.verify",
-    "verify": "peftaudit.verify",
+    "snapshot": "peftaudit.verification.api",
+    "verify": "peftaudit.verification.api",
+    "Snapshot": "peftaudit.verification.snapshots",
+    "Verdict": "peftaudit.verification.verdict",
+    "VerificationFailed": "peftaudit.verification.errors",
+    "Severity": "peftaudit.severity",
+    "ExitCode": "peftaudit.exit_codes",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.exit_codes import ExitCode
     from peftaudit.inventory import Inventory, take_inventory
     from peftaudit.report import Report, audit
+    from peftaudit.severity import Severity
+    from peftaudit.verification.api import snapshot, verify
+    from peftaudit.verification.errors import VerificationFailed
+    from peftaudit.verification.snapshots import Snapshot
+    from peftaudit.verification.verdict import Verdict
 
-__all__ = ["Inventory", "Report", "__version__", "audit", "hookimpl", "snapshot", "take_inventory", "verify"]
+__all__ = [
+    "ExitCode",
+    "Inventory",
+    "Report",
+    "Severity",
+    "Snapshot",
+    "Verdict",
+    "VerificationFailed",
+    "__version__",
+    "audit",
+    "hookimpl",
+    "snapshot",
+    "take_inventory",
+    "verify",
+]
 
 
 def __getattr__(name: str) -> Any:

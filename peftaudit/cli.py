@@ -5,9 +5,10 @@ Each subcommand lives in ``peftaudit.commands.<name>`` and exposes
 nothing heavy at module level, so ``peftaudit --help`` and ``--version`` never
 import torch or transformers.
 
-Exit codes: 0 success, 1 findings at or above ``--fail-on``, 2 usage or input
-error (one line on stderr, never a traceback), 3 an internal error (a bug; one
-line too, the traceback with ``PEFTAUDIT_DEBUG=1``). Output that cannot be
+Exit codes (:class:`peftaudit.exit_codes.ExitCode`): 0 success, 1 findings at
+or above ``--fail-on`` or a failed verification, 2 usage or input error (one
+line on stderr, never a traceback), 3 an internal error (a bug; one line too,
+the traceback with ``PEFTAUDIT_DEBUG=1``), 130 interrupted. Output that cannot be
 written (stdout on a full disk or ``/dev/full``) is exit 2 with one line too:
 1 would read as "findings". A reader that closes the pipe early (``| head``)
 is not an error. Libraries' Python warnings are not shown (our own notes are
@@ -28,6 +29,7 @@ from typing import Any
 from peftaudit._version import __version__
 from peftaudit.commands._output import silence_stdout, stdout_failed
 from peftaudit.errors import PeftauditError
+from peftaudit.exit_codes import ExitCode
 
 #: Subcommand modules under ``peftaudit.commands``, in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
@@ -42,19 +44,13 @@ COMMANDS: tuple[str, ...] = (
     "plugins",
 )
 
-EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (no usage dump) and exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"peftaudit: error: {message}\n")
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
 
     def _print_message(self, message: str, file: Any = None) -> None:
         # argparse ignores a failed write, so `--help > /dev/full` would print nothing and exit 0: let it raise.
@@ -76,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"peftaudit.commands.{name}")
         module.add_parser(sub)
+    # Then plugins' commands (peftaudit_register_commands), after the built-ins so none is shadowed.
+    from peftaudit.plugins import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
         except OSError as exc:
             return _write_failed(exc)
-        return _flush_stdout() or EXIT_USAGE
+        return _flush_stdout() or ExitCode.USAGE
     with warnings.catch_warnings():
         # ... and warn through Python's warnings (torch.load's pickle-protocol UserWarning, say):
         # stderr holds our own lines only, so an error stays one line.
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("ignore")
         code = _run(args)
     # After an error (its line is out already), a failed flush adds no second line and keeps the code.
-    said = code in (EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED)
+    said = code in (ExitCode.USAGE, ExitCode.INTERNAL, ExitCode.INTERRUPTED)
     failed = _flush_stdout(quiet=said)
     return code if failed is None or said else failed
 
@@ -117,14 +117,14 @@ def _run(args: argparse.Namespace) -> int:
         code: int = args.run(args)
     except PeftauditError as exc:
         sys.stderr.write(f"peftaudit: error: {_one_line(str(exc))}\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         sys.stderr.write("peftaudit: interrupted\n")
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:
         # `peftaudit report ... | head` closed stdout early: not an error.
         silence_stdout()
-        return EXIT_OK
+        return ExitCode.OK
     except Exception as exc:  # a bug in peftaudit or a library: still one line, unless debugging
         if os.environ.get("PEFTAUDIT_DEBUG"):
             raise
@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
             f"peftaudit: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
             "(a bug: PEFTAUDIT_DEBUG=1 shows the traceback)\n"
         )
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
     return code
 
 
@@ -145,7 +145,7 @@ def _flush_stdout(*, quiet: bool = False) -> int | None:
         sys.stdout.flush()
     except OSError as exc:
         code = _write_failed(exc, quiet=quiet)
-        return None if code == EXIT_OK else code
+        return None if code == ExitCode.OK else code
     return None
 
 
@@ -153,11 +153,11 @@ def _write_failed(exc: OSError, *, quiet: bool = False) -> int:
     """The exit code for output that could not be written: 0 for a closed pipe (``| head``), else 2 and one line."""
     if isinstance(exc, BrokenPipeError):
         silence_stdout()
-        return EXIT_OK
+        return ExitCode.OK
     error = stdout_failed(exc)
     if not quiet:
         sys.stderr.write(f"peftaudit: error: {error}\n")
-    return EXIT_USAGE
+    return ExitCode.USAGE
 
 
 def _one_line(message: str) -> str:

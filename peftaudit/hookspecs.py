@@ -1,12 +1,13 @@
 """Every hook a peftaudit plugin can implement.
 
-Plugins implement hooks with ``@peftaudit.hookimpl``. Hooks that add things to
-peftaudit receive a ``register`` callable and call it once per item, so a
-plugin reads as a list of what it contributes::
+Plugins implement hooks with ``hookimpl`` and import everything they need from
+:mod:`peftaudit.plugin_api`. Hooks that add things to peftaudit receive a
+``register`` callable and call it once per item, so a plugin reads as a list
+of what it contributes::
 
-    import peftaudit
+    from peftaudit.plugin_api import ArchitectureRule, ModuleRole, hookimpl
 
-    @peftaudit.hookimpl
+    @hookimpl
     def peftaudit_register_architecture_rules(register):
         register(ArchitectureRule(r"\\.wq$", ModuleRole.ATTENTION_Q, model_types=("mymodel",)))
 
@@ -19,17 +20,19 @@ that off. An implementation of a hook not declared here is refused.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
     from peftaudit.architecture import ArchitectureRule
     from peftaudit.gpus.catalog import GPU
     from peftaudit.memory.methods import Method
     from peftaudit.recommend.checks import Check
     from peftaudit.recommend.exports import Exporter
-    from peftaudit.render import Renderer
+    from peftaudit.report.render import Renderer
     from peftaudit.sources.base import ModelSource
 
 hookspec = pluggy.HookspecMarker("peftaudit")
@@ -106,4 +109,20 @@ def peftaudit_register_gpus(register: Callable[[GPU], None]) -> None:
     A plugin's GPU replaces a bundled GPU of the same name; the user's GPU file
     (``$PEFTAUDIT_GPUS_FILE``) still overrides both. Set ``origin`` to the
     plugin's name so ``peftaudit gpus`` says where each entry came from.
+    """
+
+
+@hookspec
+def peftaudit_register_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add subcommands to the ``peftaudit`` command line (the argparse counterpart of llm's ``register_commands``).
+
+    ``subparsers`` is the CLI's ``add_subparsers()`` object: call
+    ``subparsers.add_parser(NAME, help=..., description=...)``, add options,
+    and ``parser.set_defaults(run=RUN)`` where ``RUN(args) -> int`` returns the
+    exit code (0 ok, 1 findings, 2 bad input). Raise
+    :class:`~peftaudit.errors.PeftauditError` for bad input: the CLI prints it
+    as one line and exits 2. Built-in commands come first; a name they already
+    use is refused. This hook runs for every command line, ``--help`` included,
+    so import heavy modules (torch, your model code) inside ``RUN``, not at the
+    top of the module that implements the hook.
     """

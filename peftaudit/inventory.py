@@ -149,6 +149,10 @@ class Inventory:
     tied_groups: tuple[TiedGroup, ...]
     dims: ModelDims = field(default_factory=ModelDims)
     moe: MoeInfo | None = None
+    output_head: str | None = None
+    """Path of the output embedding module (what ``get_output_embeddings()`` returns: ``lm_head``, BERT's
+    ``cls.predictions.decoder``), tied or not; ``None`` when the model has none (classification models).
+    peft's ``all-linear`` leaves exactly this module out (:mod:`peftaudit.matching`)."""
     quantization_config: Any = field(default=None, compare=False, repr=False)
     """The config's ``quantization_config`` as published (pre-quantized checkpoints), else ``None``.
     Counts stay logical; :mod:`peftaudit.memory.quantized` reads the storage it implies."""
@@ -220,7 +224,7 @@ def take_inventory(
         config = _config_dict(model)
     model_type = config.get("model_type") if config else None
 
-    output_head = _output_head_param(model)
+    output_head, output_weight = _output_head(model)
     blocks = _repeated_blocks(model)
 
     # Group every name under which a tensor is reachable, keeping first-seen order.
@@ -245,7 +249,7 @@ def take_inventory(
         numel, quant = _true_numel(param)
         layer, block = _locate(name, blocks)
         role = classify_module(module_path, owner, model_type, rules) if owner is not None else None
-        kind = _kind(local, param, owner, role, key == output_head)
+        kind = _kind(local, param, owner, role, key == output_weight)
         record = ParameterRecord(
             name=name,
             module=module_path,
@@ -290,6 +294,7 @@ def take_inventory(
         modules=modules,
         tied_groups=tuple(tied),
         dims=_dims(config or {}),
+        output_head=output_head,
         quantization_config=_quantization_config(config or {}),
     )
     moe = _moe_info(inventory, config or {})
@@ -331,16 +336,24 @@ def _true_numel(param: Any) -> tuple[int, str | None]:
     return int(param.numel()), None
 
 
-def _output_head_param(model: Any) -> int | None:
+def _output_head(model: Any) -> tuple[str | None, int | None]:
+    """The output embedding's module path and the ``id`` of its weight, as peft finds the module.
+
+    peft's ``all-linear`` excludes ``next(name for name, module in model.named_modules() if module is
+    model.get_output_embeddings())``; the same lookup here, so the two cannot disagree.
+    """
     get = getattr(model, "get_output_embeddings", None)
     if not callable(get):
-        return None
+        return None, None
     try:
         head = get()
     except (AttributeError, NotImplementedError, TypeError):
-        return None
+        return None, None
+    if head is None:
+        return None, None
+    path = next((name for name, module in model.named_modules() if module is head), None)
     weight = getattr(head, "weight", None)
-    return id(weight) if weight is not None else None
+    return path, (id(weight) if weight is not None else None)
 
 
 def _repeated_blocks(model: Any) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """The plugin manager: built-in plugins first, then the ``peftaudit`` entry points.
 
 What plugins register (sources, rules, renderers, methods, checks, exporters,
-GPUs) is collected once per process; :func:`register_plugin` and :func:`reset`
-clear the collections.
+GPUs) is collected once per process. Each collection is a function marked
+:func:`collection`; :func:`register_plugin`, :func:`unregister_plugin` and
+:func:`reset` clear every one of them, so a new hook's collection is one
+decorated function and nothing else to edit.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -20,13 +22,17 @@ from peftaudit import hookspecs
 from peftaudit.errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
     from peftaudit.architecture import ArchitectureRules
     from peftaudit.gpus.catalog import GPU
     from peftaudit.memory.methods import Method
     from peftaudit.recommend.checks import Check
     from peftaudit.recommend.exports import Exporter
-    from peftaudit.render import Renderer
+    from peftaudit.report.render import Renderer
     from peftaudit.sources.base import ModelSource
+
+T = TypeVar("T")
 
 #: Modules under ``peftaudit.builtin`` registered like any plugin, in this order.
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -36,6 +42,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftaudit.builtin.methods",
     "peftaudit.builtin.checks",
     "peftaudit.builtin.exporters",
+    "peftaudit.builtin.gpus",
 )
 
 ENTRY_POINT_GROUP = "peftaudit"
@@ -89,74 +96,118 @@ def _autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _collect(hook_name: str) -> list[Any]:
-    """Call a ``register``-style hook and return what the plugins registered.
+# --- collections ------------------------------------------------------------------------------------
 
-    pluggy calls the most recently registered plugin first, so third-party
-    registrations come before the built-ins they may override.
+#: ``cache_clear`` of every :func:`collection`, called whenever the registered plugins change.
+_COLLECTIONS: list[Callable[[], None]] = []
+
+
+def collection(func: Callable[[], T]) -> functools._lru_cache_wrapper[T]:
+    """Cache what ``func`` builds from the registered plugins until they change.
+
+    Anything derived from the plugins (here, or the GPU catalog) is marked with
+    this decorator, so registering or removing a plugin refreshes it.
     """
-    items: list[Any] = []
-    hook: Callable[..., Any] = getattr(get_plugin_manager().hook, hook_name)
-    hook(register=items.append)
-    return items
+    cached = functools.cache(func)
+    _COLLECTIONS.append(cached.cache_clear)
+    return cached
 
 
-@functools.cache
+def _clear_collections() -> None:
+    for clear in _COLLECTIONS:
+        clear()
+
+
+def registered(hook_name: str, *, later_plugins_first: bool = False) -> tuple[Any, ...]:
+    """What plugins registered through a ``register``-style hook.
+
+    Plugins come in registration order (built-ins first, then entry points,
+    then :func:`register_plugin`), so in a by-name table a plugin's entry
+    replaces a built-in's; ``later_plugins_first`` reverses that for
+    first-match-wins lists (sources, architecture rules). Each plugin's items
+    keep the order it registered them in.
+    """
+    caller: Any = getattr(get_plugin_manager().hook, hook_name)
+    groups: list[list[Any]] = []
+    for impl in caller.get_hookimpls():  # registration order (pluggy calls them last-first)
+        items: list[Any] = []
+        impl.function(**{name: items.append for name in impl.argnames})  # argnames: ("register",) or ()
+        groups.append(items)
+    if later_plugins_first:
+        groups.reverse()
+    return tuple(item for items in groups for item in items)
+
+
+@collection
 def sources() -> tuple[ModelSource, ...]:
-    """Registered model sources, lowest ``priority`` first (stable for equal priorities)."""
-    found = _collect("peftaudit_register_sources")
+    """Registered model sources, lowest ``priority`` first (a later plugin's first among equal priorities)."""
+    found = registered("peftaudit_register_sources", later_plugins_first=True)
     return tuple(sorted(found, key=lambda s: getattr(s, "priority", 500)))
 
 
-@functools.cache
+@collection
 def architecture_rules() -> ArchitectureRules:
     """All registered architecture rules."""
     from peftaudit.architecture import ArchitectureRules
 
-    return ArchitectureRules.from_rules(_collect("peftaudit_register_architecture_rules"))
+    return ArchitectureRules.from_rules(registered("peftaudit_register_architecture_rules", later_plugins_first=True))
 
 
-@functools.cache
+@collection
 def renderers() -> dict[str, Renderer]:
     """Registered renderers by name; a plugin's renderer overrides a built-in of the same name."""
-    return {r.name: r for r in reversed(_collect("peftaudit_register_renderers"))}
+    return {r.name: r for r in registered("peftaudit_register_renderers")}
 
 
-@functools.cache
+@collection
 def memory_methods() -> dict[str, Method]:
     """Registered fine-tuning methods by name; a plugin's method overrides a built-in of the same name."""
-    return {m.name: m for m in reversed(_collect("peftaudit_register_methods"))}
+    return {m.name: m for m in registered("peftaudit_register_methods")}
 
 
-@functools.cache
+@collection
 def checks() -> tuple[Check, ...]:
     """Registered readiness checks: built-ins first, then plugins' in registration order."""
-    return tuple(reversed(_collect("peftaudit_register_checks")))
+    return registered("peftaudit_register_checks")
 
 
-@functools.cache
+@collection
 def exporters() -> dict[str, Exporter]:
     """Registered config exporters by name; a plugin's exporter overrides a built-in of the same name."""
-    return {e.name: e for e in reversed(_collect("peftaudit_register_exporters"))}
+    return {e.name: e for e in registered("peftaudit_register_exporters")}
 
 
-@functools.cache
-def gpus_from_plugins() -> tuple[GPU, ...]:
-    """GPUs registered by plugins, in registration order (a later one of the same name wins in the catalog)."""
-    return tuple(reversed(_collect("peftaudit_register_gpus")))
+@collection
+def gpus() -> tuple[GPU, ...]:
+    """Registered GPUs, bundled first, then plugins' (a later one of the same name wins in the catalog)."""
+    return registered("peftaudit_register_gpus")
 
 
-def _clear_collections() -> None:
-    sources.cache_clear()
-    gpus_from_plugins.cache_clear()
-    catalog = sys.modules.get("peftaudit.gpus.catalog")  # only if loaded: importing it here would be wasted work
-    if catalog is not None:
-        catalog.reset()  # the GPU catalog caches what gpus_from_plugins() returned
-    architecture_rules.cache_clear()
-    renderers.cache_clear()
-    memory_methods.cache_clear()
-    checks.cache_clear()
-    exporters.cache_clear()
+# --- commands ---------------------------------------------------------------------------------------
+
+
+def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Let plugins add subcommands (``peftaudit_register_commands``) after the built-in ones.
+
+    Called for every command line, ``--help`` included, so it stays cheap: the
+    built-in plugins import their implementations only when their hooks run.
+    A plugin that cannot be loaded adds no command here; the first command that
+    needs plugins then says why in one line, as before there were plugin
+    commands. A plugin whose hook raises loses its commands with a one-line note.
+    """
+    try:
+        pm = get_plugin_manager()
+    except PluginError:
+        return
+    try:
+        pm.hook.peftaudit_register_commands(subparsers=subparsers)
+    except Exception as exc:  # a plugin's bug must not take the built-in commands down
+        if os.environ.get("PEFTAUDIT_DEBUG"):
+            raise
+        sys.stderr.write(f"peftaudit: note: a plugin could not add its commands: {type(exc).__name__}: {exc}\n")
+
+
+# --- describing ------------------------------------------------------------------------------------
 
 
 def describe() -> list[tuple[str, list[str]]]:

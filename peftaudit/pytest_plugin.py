@@ -29,7 +29,7 @@ import pytest
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.report import Report
-    from peftaudit.verify import Snapshot, Verdict
+    from peftaudit.verification import Snapshot, Verdict
 
 #: Arguments ``@pytest.mark.peftaudit`` accepts, with what each checks.
 MARKER_ARGUMENTS: dict[str, str] = {
@@ -242,14 +242,14 @@ class Auditor:
         return report
 
     def snapshot(self, model_or_path: Any, **kwargs: Any) -> Snapshot:
-        """``peftaudit.verify.snapshot``: per-tensor fingerprints, not a copy."""
-        from peftaudit.verify import snapshot
+        """``peftaudit.snapshot``: per-tensor fingerprints, not a copy."""
+        from peftaudit.verification import snapshot
 
         return snapshot(model_or_path, **kwargs)
 
     def verify(self, before: Any, after: Any = None, **kwargs: Any) -> Verdict:
-        """``peftaudit.verify.verify``; failing verdicts are explained in the test report."""
-        from peftaudit.verify import verify
+        """``peftaudit.verify``; failing verdicts are explained in the test report."""
+        from peftaudit.verification import verify
 
         verdict = verify(before, after, **kwargs)
         _remember_verdict(self.item, verdict)
@@ -277,11 +277,11 @@ class ParamSnapshot:
         """Verify ``model`` against this snapshot: truthy when only adapters (and
         ``modules_to_save``) changed and every one of them did.
 
-        Keyword arguments go to :func:`peftaudit.verify.verify` (``expect=``,
+        Keyword arguments go to :func:`peftaudit.verify` (``expect=``,
         ``allow=``, ``tolerate=``). On failure the test report gets a section
         listing what changed, by how much and the likely cause.
         """
-        from peftaudit.verify import verify
+        from peftaudit.verification import verify
 
         verdict = verify(self.snapshot, model, **kwargs)
         _remember_verdict(self._item, verdict)
@@ -329,7 +329,7 @@ def param_snapshot(request: pytest.FixtureRequest) -> Callable[..., ParamSnapsho
     """
 
     def take(model: Any, **kwargs: Any) -> ParamSnapshot:
-        from peftaudit.verify import snapshot
+        from peftaudit.verification import snapshot
 
         return ParamSnapshot(snapshot(model, **kwargs), request.node)
 
@@ -368,7 +368,7 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, righ
     so the default lines are short (problem and tensor); ``-v`` gives each
     finding's full line, and the failure report's section has them all.
     """
-    from peftaudit.verify import Verdict
+    from peftaudit.verification import Verdict
 
     ours = [x for x in (left, right) if isinstance(x, ChangeCheck | Verdict)]
     if op not in ("==", "!=") or not ours:

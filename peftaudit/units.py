@@ -1,10 +1,50 @@
-"""Reading sizes people type: memory (``48GiB``, ``24GB``) and token counts (``20M``, ``1.5B``)."""
+"""Units: bytes in a GiB, bytes per element of each dtype, and reading the sizes people type.
+
+The one copy of each: the report's weight bytes, the memory estimator and the
+verifier's safetensors table all read :data:`DTYPE_BYTES`; every GiB shown or
+parsed is :data:`GIB`.
+"""
 
 from __future__ import annotations
 
 import re
 
 from peftaudit.errors import PeftauditError
+
+#: A binary gigabyte: what every size peftaudit prints in GiB divides by.
+GIB = 1024**3
+
+#: Bytes per element by torch dtype name (``str(torch.bfloat16)`` without ``torch.``).
+TORCH_DTYPE_BYTES: dict[str, int] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "uint16": 2,
+    "int16": 2,
+    "uint32": 4,
+    "int32": 4,
+    "uint64": 8,
+    "int64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "complex64": 8,
+}
+
+#: The short names training plans and the CLI use (``--dtype bf16``), and the torch dtype each means.
+SHORT_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
+
+#: Bytes per element by dtype name, torch's or short.
+DTYPE_BYTES: dict[str, int] = {
+    **TORCH_DTYPE_BYTES,
+    **{short: TORCH_DTYPE_BYTES[name] for short, name in SHORT_DTYPES.items()},
+}
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 _BYTE_UNITS = {
@@ -16,8 +56,8 @@ _BYTE_UNITS = {
     "M": 1024**2,
     "MIB": 1024**2,
     "MB": 1000**2,
-    "G": 1024**3,
-    "GIB": 1024**3,
+    "G": GIB,
+    "GIB": GIB,
     "GB": 1000**3,
     "T": 1024**4,
     "TIB": 1024**4,

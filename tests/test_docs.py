@@ -28,6 +28,7 @@ SKIPPED_TOKENS = {
     "model-dir/": "a local checkpoint directory",
     "base/": "the reader's base checkpoint",
     "before.json": "a snapshot written by an earlier, skipped command",
+    "image-memory": "a command of the peftaudit-diffusers plugin (autoload is off here); its own tests run it",
 }
 #: Options that make a documented command too slow for the docs tests; run elsewhere in the suite.
 SKIPPED_OPTIONS = {

@@ -137,3 +137,19 @@ def test_bad_user_file(tmp_path: Path, content: str, message: str) -> None:
     path.write_text(content)
     with pytest.raises(PeftauditError, match=message):
         apply_user_file({}, path)
+
+
+def test_bundled_gpus_are_registered_through_the_hook_like_a_plugin_s() -> None:
+    import peftaudit.builtin.gpus
+    from peftaudit import plugins
+
+    assert "peftaudit.builtin.gpus" in plugins.DEFAULT_PLUGINS
+    assert [g.name for g in plugins.gpus()] == [g.name for g in bundled_gpus()]
+    assert [g.name for g in catalog.gpus()] == [g.name for g in bundled_gpus()]
+    # Without the built-in plugin, the catalog knows no GPU: nothing is loaded behind the hook's back.
+    plugins.unregister_plugin(peftaudit.builtin.gpus)
+    try:
+        assert catalog.gpus() == ()
+    finally:
+        plugins.reset()
+    assert len(catalog.gpus()) == len(bundled_gpus())

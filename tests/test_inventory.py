@@ -47,6 +47,18 @@ def test_tied_embedding_counted_once_and_named() -> None:
     assert not any(p.name == "lm_head.weight" for p in tied.parameters)
 
 
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "t5"])
+def test_output_head_is_what_get_output_embeddings_returns(name: str) -> None:
+    # Tied or not, the module itself is recorded: peft's all-linear leaves out exactly this path.
+    assert take_inventory(tiny.build(name)).output_head == "lm_head"
+
+
+def test_a_module_without_output_embeddings_has_no_output_head() -> None:
+    import torch
+
+    assert take_inventory(torch.nn.Sequential(torch.nn.Linear(4, 4))).output_head is None
+
+
 def test_gpt2_conv1d_features_are_read_as_in_out() -> None:
     inventory = take_inventory(tiny.build("gpt2"))
     c_attn = inventory.module("transformer.h.0.attn.c_attn")

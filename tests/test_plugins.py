@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,10 +14,10 @@ import pytest
 import peftaudit
 from peftaudit import plugins
 from peftaudit.architecture import ArchitectureRule, ModuleRole
-from peftaudit.errors import PluginError
+from peftaudit.errors import PeftauditError, PluginError
 from peftaudit.inventory import take_inventory
-from peftaudit.render import RenderOptions
 from peftaudit.report import Report, audit
+from peftaudit.report.render import RenderOptions
 from peftaudit.sources.base import ResolvedModel, SourceOptions
 
 
@@ -116,11 +119,150 @@ def test_autoload_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_hook_is_documented() -> None:
-    from pathlib import Path
-
     from peftaudit import hookspecs
 
     doc = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
     hooks = [name for name in dir(hookspecs) if name.startswith("peftaudit_")]
     assert hooks
     assert [h for h in hooks if f"`{h}(" not in doc] == []
+
+
+# --- the plugin API ---------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_plugin_api_names_what_it_exports() -> None:
+    from peftaudit import plugin_api
+
+    for name in plugin_api.__all__:
+        assert getattr(plugin_api, name) is not None, name
+    assert plugin_api.hookimpl is peftaudit.hookimpl
+    assert plugin_api.ArchitectureRule is ArchitectureRule
+    assert plugin_api.memory_methods is plugins.memory_methods
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        plugin_api.nothing  # noqa: B018
+
+
+def test_importing_the_plugin_api_is_cheap() -> None:
+    # Every plugin imports it when peftaudit loads plugins, and that happens for --help too.
+    from test_cli import imports_after
+
+    modules = imports_after("import peftaudit.plugin_api")
+    assert not modules & {"torch", "transformers", "rich", "huggingface_hub", "numpy", "yaml"}
+
+
+def _peftaudit_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """Each ``import peftaudit...`` / ``from peftaudit... import`` in a file: (line, module, names)."""
+    found: list[tuple[int, str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, []) for a in node.names if a.name.split(".")[0] == "peftaudit"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "peftaudit":
+            found.append((node.lineno, node.module or "", [a.name for a in node.names]))
+    return found
+
+
+def test_first_party_plugins_import_only_the_plugin_api() -> None:
+    sources = [
+        p
+        for p in sorted(ROOT.glob("plugins/*/*/**/*.py"))
+        if p.parts[len(ROOT.parts) + 2] not in ("tests",) and ".egg-info" not in str(p)
+    ]
+    assert {p.parts[len(ROOT.parts) + 1] for p in sources} == {
+        "peftaudit-diffusers",
+        "peftaudit-example",
+        "peftaudit-team-catalog",
+    }
+    stray = []
+    for path in sources:
+        for line, module, names in _peftaudit_imports(path):
+            allowed = module == "peftaudit.plugin_api" or (
+                module == "peftaudit" and names and set(names) <= set(peftaudit.__all__)
+            )
+            if not allowed:
+                stray.append(f"{path.relative_to(ROOT)}:{line}: {module} {names}")
+    assert stray == []
+
+
+# --- plugin commands ----------------------------------------------------------------------------------
+
+
+class Hello:
+    """A plugin adding ``peftaudit hello NAME``."""
+
+    @peftaudit.hookimpl
+    def peftaudit_register_commands(self, subparsers: Any) -> None:
+        parser = subparsers.add_parser("hello", help="say hello")
+        parser.add_argument("name")
+        parser.set_defaults(run=self.run)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        if args.name == "nobody":
+            raise PeftauditError("nobody to greet")
+        print(f"hello {args.name}")
+        return 0
+
+
+def test_a_plugin_adds_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from peftaudit.cli import build_parser, main
+
+    builtin = list(_commands(build_parser()))
+    plugins.register_plugin(Hello(), name="hello")
+    assert list(_commands(build_parser())) == [*builtin, "hello"]  # after the built-ins
+    assert main(["hello", "world"]) == 0
+    assert capsys.readouterr().out == "hello world\n"
+    assert main(["hello", "nobody"]) == 2
+    assert capsys.readouterr().err == "peftaudit: error: nobody to greet\n"
+    assert "hello" in [name for name, hooks in plugins.describe() if "peftaudit_register_commands" in hooks]
+
+
+def test_a_plugin_command_cannot_replace_a_builtin(capsys: pytest.CaptureFixture[str]) -> None:
+    from peftaudit.cli import build_parser
+
+    class Shadow:
+        @peftaudit.hookimpl
+        def peftaudit_register_commands(self, subparsers: Any) -> None:
+            subparsers.add_parser("report")
+
+    plugins.register_plugin(Shadow(), name="shadow")
+    assert "report" in _commands(build_parser())
+    err = capsys.readouterr().err
+    assert err.startswith("peftaudit: note: a plugin could not add its commands: ArgumentError")
+    assert "conflicting subparser: report" in err and len(err.splitlines()) == 1
+
+
+def test_a_plugin_that_cannot_load_leaves_help_working(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftaudit.cli import build_parser
+
+    def broken() -> Any:
+        raise PluginError("could not load a 'peftaudit' plugin: boom")
+
+    monkeypatch.setattr(plugins, "get_plugin_manager", broken)
+    assert "report" in _commands(build_parser())
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+# --- collections ------------------------------------------------------------------------------------
+
+
+def test_every_collection_is_refreshed_when_plugins_change() -> None:
+    calls: list[int] = []
+
+    @plugins.collection
+    def counted() -> int:
+        calls.append(1)
+        return len(calls)
+
+    assert counted() == counted() == 1
+    plugins.register_plugin(Hello(), name="hello")
+    assert counted() == 2
+    plugins.reset()
+    assert counted() == 3

@@ -10,11 +10,11 @@ import pytest
 import tiny
 from golden import assert_matches_golden
 
-from peftaudit.render import RenderOptions
-from peftaudit.render.json import JsonRenderer
-from peftaudit.render.markdown import MarkdownRenderer
-from peftaudit.render.terminal import TerminalRenderer
 from peftaudit.report import Report, audit, matches_published
+from peftaudit.report.render import RenderOptions
+from peftaudit.report.render.json import JsonRenderer
+from peftaudit.report.render.markdown import MarkdownRenderer
+from peftaudit.report.render.terminal import TerminalRenderer
 
 
 def tiny_report(name: str, tmp_path: Path) -> Report:

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from peftaudit import hookimpl
-from peftaudit.memory.methods import BUILTIN_METHODS, Method
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.memory.methods import Method
 
 
 @hookimpl
 def peftaudit_register_methods(register: Callable[[Method], None]) -> None:
+    from peftaudit.memory.methods import BUILTIN_METHODS
+
     for method in BUILTIN_METHODS:
         register(method)

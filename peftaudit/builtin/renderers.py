@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from peftaudit import hookimpl
-from peftaudit.render import Renderer
-from peftaudit.render.json import JsonRenderer
-from peftaudit.render.markdown import MarkdownRenderer
-from peftaudit.render.terminal import TerminalRenderer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.report.render import Renderer
 
 
 @hookimpl
 def peftaudit_register_renderers(register: Callable[[Renderer], None]) -> None:
+    from peftaudit.report.render.json import JsonRenderer
+    from peftaudit.report.render.markdown import MarkdownRenderer
+    from peftaudit.report.render.terminal import TerminalRenderer
+
     register(TerminalRenderer())
     register(JsonRenderer())
     register(MarkdownRenderer())

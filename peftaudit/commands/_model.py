@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from peftaudit.inventory import Inventory
     from peftaudit.sources.base import ModelSource, ResolvedModel, SourceOptions
+    from peftaudit.sources.load import LoadedModel
 
 MODEL_HELP = (
     "a hub id (meta-llama/Llama-3.1-8B), a bundled catalog name, a directory with config.json, or a config.json file"
@@ -48,10 +48,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[ResolvedModel, ModelSource,
     return resolved, source, options
 
 
-def load_inventory(args: argparse.Namespace) -> tuple[ResolvedModel, Inventory]:
-    """Resolve MODEL, build it on the meta device and walk it."""
-    from peftaudit.inventory import take_inventory
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """Resolve MODEL, build it on the meta device and walk it (:func:`peftaudit.sources.load`)."""
+    from peftaudit.sources.load import load_resolved
 
-    resolved, source, options = resolve_model(args)
-    module: Any = source.build(resolved, options)
-    return resolved, take_inventory(module)
+    return load_resolved(*resolve_model(args))

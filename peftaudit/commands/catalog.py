@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
+from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
 
@@ -42,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
             for e in chosen
         ]
         emit(dumps(rows) + "\n", args)
-        return 0
+        return ExitCode.OK
     emit(_table(chosen, args), args)
-    return 0
+    return ExitCode.OK
 
 
 def _table(chosen: list[Any], args: argparse.Namespace) -> str:

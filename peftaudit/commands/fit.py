@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from peftaudit.commands._model import add_model_arguments, load_inventory
-from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
+from peftaudit.commands._model import add_model_arguments
+from peftaudit.commands._output import emit, table_or_json, use_color, width
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans
+from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
 
 def add_parser(sub: Any) -> None:
-    from peftaudit.memory import cli as memory_cli
-
     parser = sub.add_parser(
         "fit",
         help="the largest batch and the longest sequence that fit a GPU",
@@ -23,21 +23,19 @@ def add_parser(sub: Any) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--gpu", required=True, metavar="NAME", help="the GPU (see `peftaudit gpus`)")
-    memory_cli.add_arguments(parser)
-    add_output_arguments(parser)
-    parser.set_defaults(run=run)
+    add_plan_arguments(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftaudit.commands.gpus import plans_for
     from peftaudit.gpus import find_gpu, render
     from peftaudit.gpus.sizing import SEQ_STEP, fit, max_batch_size, max_seq_len
 
     fmt = table_or_json(args, "fit")
     gpu = find_gpu(args.gpu)
-    resolved, inventory = load_inventory(args)
+    model, plans = model_and_plans(args, "lora")
+    inventory = model.inventory
     results: list[dict[str, Any]] = []
-    for base in plans_for(args, "lora"):
+    for base in plans:
         for gc in (False, True):
             plan = base.with_(gradient_checkpointing=gc)
             batch = max_batch_size(inventory, plan, gpu)
@@ -57,12 +55,13 @@ def run(args: argparse.Namespace) -> int:
             )
     if fmt == "json":
         emit(
-            dumps({"model": resolved.id, "gpu": gpu.name, "usable_bytes": gpu.usable_bytes, "results": results}) + "\n",
+            dumps({"model": model.resolved.id, "gpu": gpu.name, "usable_bytes": gpu.usable_bytes, "results": results})
+            + "\n",
             args,
         )
-        return 0
+        return ExitCode.OK
     out, buffer = render.console(width(args), use_color(args))
-    out.print(f"{resolved.id} on one {gpu.name} ({gpu.usable_gib:.1f} GiB usable)", markup=False)
+    out.print(f"{model.resolved.id} on one {gpu.name} ({gpu.usable_gib:.1f} GiB usable)", markup=False)
     render.fit_table(
         [
             (
@@ -78,4 +77,4 @@ def run(args: argparse.Namespace) -> int:
         out,
     )
     emit(buffer.getvalue(), args)
-    return 0
+    return ExitCode.OK

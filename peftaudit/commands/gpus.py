@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from peftaudit.commands._model import add_model_arguments, load_inventory
-from peftaudit.commands._output import add_output_arguments, emit, table_or_json, use_color, width
+from peftaudit.commands._model import add_model_arguments
+from peftaudit.commands._output import emit, table_or_json, use_color, width
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans
+from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
 #: Sequence lengths for the chart, cut at the model's context.
@@ -15,8 +17,6 @@ DEFAULT_COMPARE = "full,lora,qlora"
 
 
 def add_parser(sub: Any) -> None:
-    from peftaudit.memory import cli as memory_cli
-
     parser = sub.add_parser(
         "gpus",
         help="which GPUs fit a training plan, how many, with what headroom (no MODEL: list the GPUs)",
@@ -31,24 +31,13 @@ def add_parser(sub: Any) -> None:
     sizing.add_argument("--gpu", action="append", metavar="NAME", help="only these GPUs (repeatable)")
     sizing.add_argument("--max-gpus", type=int, default=128, metavar="N", help="largest GPU count to try (%(default)s)")
     sizing.add_argument("--plot", metavar="FILE", help="also write memory against sequence length to FILE (.svg/.png)")
-    memory_cli.add_arguments(parser)
-    add_output_arguments(parser)
-    parser.set_defaults(run=run)
+    add_plan_arguments(parser, run)
 
 
 def selected_gpus(names: list[str] | None) -> list[Any]:
     from peftaudit.gpus import find_gpu, gpus
 
     return [find_gpu(n) for n in names] if names else list(gpus())
-
-
-def plans_for(args: argparse.Namespace, default_compare: str) -> list[Any]:
-    """The plans the flags ask for; methods default to ``default_compare``."""
-    from peftaudit.memory import cli as memory_cli
-
-    if getattr(args, "memory_method", None) is None and getattr(args, "memory_compare", None) is None:
-        args.memory_compare = default_compare
-    return memory_cli.plans_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,13 +53,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             render.catalog_table(gpus, out)
             emit(buffer.getvalue(), args)
-        return 0
+        return ExitCode.OK
     if args.max_gpus < 1:
         raise PeftauditError(f"--max-gpus must be at least 1, got {args.max_gpus}")
     from peftaudit.gpus.sizing import smallest_setup
 
-    resolved, inventory = load_inventory(args)
-    plans = plans_for(args, DEFAULT_COMPARE)
+    model, plans = model_and_plans(args, DEFAULT_COMPARE)
+    inventory = model.inventory
     rows = [[smallest_setup(inventory, p, g, max_gpus=args.max_gpus) for p in plans] for g in gpus]
     context = inventory.dims.max_position_embeddings or CHART_SEQ_LENS[-1]
     seqs = [s for s in CHART_SEQ_LENS if s <= context] or [CHART_SEQ_LENS[0]]
@@ -79,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from peftaudit.gpus.plot import write_plot
 
-        write_plot(args.plot, curve, limits, f"{resolved.id}: peak memory per GPU")
+        write_plot(args.plot, curve, limits, f"{model.resolved.id}: peak memory per GPU")
     if fmt == "json":
         data = {
-            "model": resolved.id,
+            "model": model.resolved.id,
             "plans": [p.to_dict() for p in plans],
             "gpus": [
                 {"gpu": g.name, "usable_bytes": g.usable_bytes, "fits": [f.to_dict() for f in fits]}
@@ -91,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
             "by_seq_len": {m: [{"seq_len": s, "peak_bytes": b} for s, b in pts] for m, pts in curve.items()},
         }
         emit(dumps(data) + "\n", args)
-        return 0
-    out.print(f"{resolved.id}: batch {plans[0].batch_size} x seq {plans[0].seq_len:,} per GPU", markup=False)
+        return ExitCode.OK
+    out.print(f"{model.resolved.id}: batch {plans[0].batch_size} x seq {plans[0].seq_len:,} per GPU", markup=False)
     render.sweep_table(rows, [p.method for p in plans], gpus, out)
     render.seq_chart(curve, limits, out)
     emit(buffer.getvalue(), args)
-    return 0
+    return ExitCode.OK
 
 
 def _curve(inventory: Any, plans: list[Any], seqs: list[int], ceiling: int) -> dict[str, list[tuple[int, int]]]:

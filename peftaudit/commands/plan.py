@@ -6,22 +6,14 @@ import argparse
 import math
 from typing import Any
 
-from peftaudit.commands._model import add_model_arguments, load_inventory
-from peftaudit.commands._output import (
-    add_output_arguments,
-    emit,
-    non_negative_float,
-    positive_float,
-    table_or_json,
-    use_color,
-    width,
-)
+from peftaudit.commands._model import add_model_arguments
+from peftaudit.commands._output import emit, non_negative_float, positive_float, table_or_json, use_color, width
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans
+from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
 
 def add_parser(sub: Any) -> None:
-    from peftaudit.memory import cli as memory_cli
-
     parser = sub.add_parser(
         "plan",
         help="how many GPUs a run needs, how long it takes and what it costs",
@@ -40,13 +32,10 @@ def add_parser(sub: Any) -> None:
     run_group.add_argument(
         "--mfu", type=positive_float, default=0.4, help="model-FLOPs utilisation, at most 1 (default %(default)s)"
     )
-    memory_cli.add_arguments(parser)
-    add_output_arguments(parser)
-    parser.set_defaults(run=run)
+    add_plan_arguments(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftaudit.commands.gpus import plans_for
     from peftaudit.errors import PeftauditError
     from peftaudit.gpus import find_gpu, render
     from peftaudit.gpus.sizing import fit, run_cost, smallest_setup
@@ -55,10 +44,11 @@ def run(args: argparse.Namespace) -> int:
     fmt = table_or_json(args, "plan")
     tokens = parse_tokens(args.tokens)
     gpu = find_gpu(args.gpu)
-    resolved, inventory = load_inventory(args)
+    model, plans = model_and_plans(args, "lora")
+    inventory = model.inventory
     rows: list[dict[str, Any]] = []
     lines: list[str] = []
-    for plan in plans_for(args, "lora"):
+    for plan in plans:
         chosen = fit(inventory, plan, gpu) if plan.gpus > 1 else smallest_setup(inventory, plan, gpu)
         if not chosen.fits:
             raise PeftauditError(
@@ -82,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
         )
         lines += [f"{plan.method}:", *(f"  {line}" for line in render.cost_lines(chosen, cost, steps, step_seconds))]
     if fmt == "json":
-        emit(dumps({"model": resolved.id, "gpu": gpu.name, "tokens": tokens, "plans": rows}) + "\n", args)
-        return 0
+        emit(dumps({"model": model.resolved.id, "gpu": gpu.name, "tokens": tokens, "plans": rows}) + "\n", args)
+        return ExitCode.OK
     out, buffer = render.console(width(args), use_color(args))
-    out.print(f"{resolved.id}: {tokens:,} tokens on {gpu.name}", markup=False)
+    out.print(f"{model.resolved.id}: {tokens:,} tokens on {gpu.name}", markup=False)
     for line in lines:
         out.print(line, markup=False)
     emit(buffer.getvalue(), args)
-    return 0
+    return ExitCode.OK

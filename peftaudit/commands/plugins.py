@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from peftaudit.commands._output import add_output_arguments, emit, table_or_json
+from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
 
@@ -35,4 +36,4 @@ def run(args: argparse.Namespace) -> int:
             lines.append(name)
             lines += [f"  {hook}" for hook in hooks]
         emit("\n".join(lines) + "\n", args)
-    return 0
+    return ExitCode.OK

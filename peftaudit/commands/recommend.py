@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from peftaudit.commands._model import add_model_arguments, load_model
 from peftaudit.commands._output import add_output_arguments, emit, warn
 from peftaudit.recommend.findings import FAIL_ON_LEVELS
 from peftaudit.recommend.rank import TASKS
@@ -27,7 +28,6 @@ def add_parser(sub: Any) -> None:
             "and the config in peft, axolotl, LLaMA-Factory or TRL form. Built on the meta device: no weights."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="a hub id, a bundled catalog name, or a local config path")
     plan = parser.add_argument_group("the run")
     plan.add_argument("--task", choices=TASKS, default="instruct", help="what the training does (default: instruct)")
     plan.add_argument(
@@ -87,23 +87,19 @@ def add_parser(sub: Any) -> None:
         default="never",
         help="exit 1 when a readiness finding reaches this severity (default: never)",
     )
-    source = parser.add_argument_group("model source")
-    source.add_argument("--online", action="store_true", help="fetch the hub's current config even for catalog models")
-    source.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit")
-    source.add_argument("--token", metavar="TOKEN", help="hub token (default: HF_TOKEN or the saved login)")
-    source.add_argument("--trust-remote-code", action="store_true", help="allow running the model repository's code")
+    add_model_arguments(parser)  # MODEL is listed first whatever the order; its source flags come here
     add_output_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from peftaudit.errors import PeftauditError
-    from peftaudit.recommend.cli import gate, load_model, parse_size, parse_tokens
+    from peftaudit.recommend.cli import gate
     from peftaudit.recommend.exports import export
     from peftaudit.recommend.recommendation import RecommendRequest, recommend
     from peftaudit.recommend.render import FORMATS, render_recommendation
     from peftaudit.recommend.targets import TargetSpec
-    from peftaudit.sources.base import SourceOptions
+    from peftaudit.units import parse_size, parse_tokens
 
     fmt = args.format or "table"
     if fmt not in FORMATS:
@@ -151,12 +147,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         skip_checks=tuple(args.skip_check),
     )
-    options = SourceOptions(
-        online=args.online, revision=args.revision, trust_remote_code=args.trust_remote_code, token=args.token
-    )
-    loaded = load_model(args.model, options)
-    for note in loaded.resolved.notes:
-        warn(note)
+    loaded = load_model(args)
     rec = recommend(loaded.inventory, loaded.facts, request)
 
     if args.export:

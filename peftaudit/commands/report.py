@@ -34,8 +34,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftaudit.plugins import renderers
-    from peftaudit.render import RenderOptions
     from peftaudit.report import report_for
+    from peftaudit.report.render import RenderOptions
 
     fmt = args.format or "table"
     available = renderers()
@@ -70,7 +70,7 @@ def _with_plans_and_checks(
     checks = args.checks or args.fail_on != "never"
     if not plans and not checks:
         return report, ()
-    from peftaudit.recommend.cli import load_resolved
+    from peftaudit.sources.load import load_resolved
 
     loaded = load_resolved(resolved, source, options)  # one meta build for both
     estimates: list[Any] = []
@@ -81,7 +81,7 @@ def _with_plans_and_checks(
         if memory_cli.wants_trace(args):
             from peftaudit.memory import trace
 
-            estimates += [trace(source.build(resolved, options), plan) for plan in plans]
+            estimates += [trace(loaded.skeleton(), plan) for plan in plans]
     findings: tuple[Any, ...] = ()
     if checks:
         from peftaudit.recommend.checks import CheckContext, run_checks

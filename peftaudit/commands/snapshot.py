@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from peftaudit.commands._output import _positive_int
+from peftaudit.exit_codes import ExitCode
 
 
 def add_parser(sub: Any) -> None:
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from peftaudit.commands._output import emit
     from peftaudit.commands.verify import progress_for
     from peftaudit.errors import PeftauditError
-    from peftaudit.verify import SamplePolicy, snapshot
-    from peftaudit.verify.snapshots import check_snapshot_target
+    from peftaudit.verification.api import snapshot
+    from peftaudit.verification.fingerprint import SamplePolicy
+    from peftaudit.verification.snapshots import check_snapshot_target
 
     if args.sample < 0:
         raise PeftauditError("--sample must be 0 or more")
@@ -77,4 +79,4 @@ def run(args: argparse.Namespace) -> int:
     gigabytes = snap.nbytes / 1e9
     where = f" -> {args.output}" if args.output else ""
     sys.stderr.write(f"peftaudit: {len(snap)} tensors, {gigabytes:.2f} GB fingerprinted in {seconds:.2f} s{where}\n")
-    return 0
+    return ExitCode.OK

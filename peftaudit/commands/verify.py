@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from peftaudit.commands._output import _positive_int, add_output_arguments
+from peftaudit.exit_codes import ExitCode
 
 #: Below this many bytes the progress bar would only flicker.
 PROGRESS_MIN_BYTES = 256 << 20
@@ -70,9 +71,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _weight_bytes(path: str, allow_pickle: bool) -> int:
-    from peftaudit.verify.checkpoint import locate
-    from peftaudit.verify.errors import CheckpointError
-    from peftaudit.verify.snapshots import is_snapshot_file
+    from peftaudit.verification.checkpoint import locate
+    from peftaudit.verification.errors import CheckpointError
+    from peftaudit.verification.snapshots import is_snapshot_file
 
     if is_snapshot_file(path):
         return 0
@@ -85,7 +86,7 @@ def _weight_bytes(path: str, allow_pickle: bool) -> int:
 @contextmanager
 def progress_for(paths: Sequence[str | None], args: argparse.Namespace) -> Iterator[Any]:
     """A progress bar on stderr for large checkpoints on a terminal, else nothing."""
-    from peftaudit.verify.render import progress_bar
+    from peftaudit.verification.render import progress_bar
 
     enabled = not args.no_progress and sys.stderr.isatty() and not os.environ.get("NO_COLOR")
     total = sum(_weight_bytes(p, args.allow_pickle) for p in paths if p) if enabled else 0
@@ -94,14 +95,12 @@ def progress_for(paths: Sequence[str | None], args: argparse.Namespace) -> Itera
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftaudit.commands._output import emit, use_color, width
+    from peftaudit.commands._output import emit, table_or_json, use_color, width
     from peftaudit.errors import PeftauditError
-    from peftaudit.verify import verify
-    from peftaudit.verify.render import render_text, to_json
+    from peftaudit.verification.api import verify
+    from peftaudit.verification.render import render_text, to_json
 
-    fmt = args.format or "table"
-    if fmt not in ("table", "json"):
-        raise PeftauditError(f"unknown --format '{fmt}'; choose from json, table")
+    fmt = table_or_json(args, "verify")
     if args.after is None and args.adapter is None:
         raise PeftauditError("give AFTER (a checkpoint or snapshot), --adapter, or both")
     with progress_for([args.before, args.after, args.adapter], args) as progress:
@@ -125,4 +124,4 @@ def run(args: argparse.Namespace) -> int:
         buffer = io.StringIO()  # then emit(): one place handles --output, a closed pipe and a full stdout
         render_text(verdict, file=buffer, verbose=args.verbose, color=use_color(args), width=width(args))
         emit(buffer.getvalue(), args)
-    return 0 if verdict.ok else 1
+    return ExitCode.OK if verdict.ok else ExitCode.FINDINGS

@@ -1,4 +1,4 @@
-"""The GPU catalog: bundled facts with their sources, plus the user's own file and plugins.
+"""The GPU catalog: bundled facts with their sources, plus plugins' GPUs and the user's own file.
 
 Vendor memory (the GB on the box) and usable memory (what the driver reports
 as total, which is what training can use) are kept apart, and so are dense
@@ -26,7 +26,6 @@ refused, and so is ``price_per_hour = -1`` in the file.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -38,9 +37,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from peftaudit import plugins
 from peftaudit.errors import PeftauditError
+from peftaudit.units import GIB
 
-GIB = 1024**3
 DTYPES = ("bf16", "fp16", "fp8", "fp32")
 
 
@@ -178,7 +178,11 @@ def check_gpu(gpu: GPU, where: str | None = None) -> None:
 
 
 def bundled_gpus() -> tuple[GPU, ...]:
-    """The GPUs shipped with peftaudit (no prices)."""
+    """The GPUs shipped with peftaudit (no prices), read from ``gpus.json``.
+
+    They reach the catalog through ``peftaudit_register_gpus``, registered by
+    :mod:`peftaudit.builtin.gpus` like any plugin's GPUs.
+    """
     text = resources.files("peftaudit.gpus").joinpath("gpus.json").read_text(encoding="utf-8")
     return tuple(_from_mapping(row, origin="bundled") for row in json.loads(text)["gpus"])
 
@@ -231,12 +235,11 @@ def _lookup(catalog: Mapping[str, GPU], name: str) -> GPU | None:
     return None
 
 
-@functools.cache
+@plugins.collection  # rebuilt when plugins are registered or removed
 def _catalog() -> dict[str, GPU]:
-    catalog = {_key(g.name): g for g in bundled_gpus()}
-    from peftaudit.plugins import gpus_from_plugins
-
-    for gpu in gpus_from_plugins():
+    catalog: dict[str, GPU] = {}
+    # Bundled GPUs come through the same hook as plugins' (peftaudit.builtin.gpus), first.
+    for gpu in plugins.gpus():
         check_gpu(gpu, f"GPU '{gpu.name}' registered by a plugin (origin {gpu.origin!r})")
         catalog[_key(gpu.name)] = gpu
     return apply_user_file(catalog, user_file())
@@ -257,5 +260,5 @@ def find_gpu(name: str) -> GPU:
 
 
 def reset() -> None:
-    """Forget the loaded catalog (after changing the user file or plugins)."""
+    """Forget the loaded catalog (after changing the user file; plugin changes refresh it themselves)."""
     _catalog.cache_clear()

@@ -54,9 +54,8 @@ def fit_live_model(
     """
     from peftaudit.gpus.catalog import find_gpu
     from peftaudit.gpus.sizing import fit
-    from peftaudit.inventory import take_inventory
     from peftaudit.memory import TrainingPlan
-    from peftaudit.sources.build import build_from_config
+    from peftaudit.sources.load import load_config
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -66,7 +65,7 @@ def fit_live_model(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     data["architectures"] = [type(base).__name__]
     name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
-    inventory = take_inventory(build_from_config(data, model_id=name))
+    inventory = load_config(data, model_id=name, origin=f"live {type(model).__name__}").inventory
     fields: dict[str, Any] = {}
     peft_config = _active_peft_config(model)
     if peft_config is not None:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from html import escape
 
 from peftaudit.errors import PeftauditError
+from peftaudit.units import GIB
 
-GIB = 1024**3
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
 

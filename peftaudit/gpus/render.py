@@ -14,8 +14,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.gpus.catalog import GPU
     from peftaudit.gpus.sizing import Fit, RunCost
 
-GIB = 1024**3
-
 
 def console(width: int, color: bool) -> tuple[Console, io.StringIO]:
     from rich.console import Console

@@ -3,10 +3,14 @@
 >>> from peftaudit.memory import TrainingPlan, estimate        # doctest: +SKIP
 >>> estimate(inventory, TrainingPlan(method="qlora", rank=16))  # doctest: +SKIP
 
-``estimate`` is analytic and fast (a recorded step re-evaluated per plan);
-``trace`` runs one real training step of the actual model on fake tensors and
-is the oracle the analytic estimate is tested against. Names are imported
-lazily so that plugin loading does not import numpy or torch.
+``estimate`` is analytic and fast (a recorded step re-evaluated per plan;
+:mod:`peftaudit.memory.analytic`); ``trace`` runs one real training step of the
+actual model on fake tensors and is the oracle the analytic estimate is tested
+against (:mod:`peftaudit.memory.tracing`). Shared by both: the plan
+(:mod:`.plan`), the methods' adaptations (:mod:`.methods`), the optimizers'
+states (:mod:`.optimizers`), a checkpoint's own quantization (:mod:`.quantized`)
+and the result (:mod:`.result`). Names are imported lazily so that plugin
+loading does not import numpy or torch.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ from typing import TYPE_CHECKING, Any
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 
 if TYPE_CHECKING:  # pragma: no cover
-    from peftaudit.memory.estimate import estimate
+    from peftaudit.memory.analytic.estimate import estimate
     from peftaudit.memory.result import COMPONENTS, MemoryEstimate
-    from peftaudit.memory.trace import trace
+    from peftaudit.memory.tracing import trace
 
 _LAZY = {
-    "estimate": "peftaudit.memory.estimate",
+    "estimate": "peftaudit.memory.analytic.estimate",
     "MemoryEstimate": "peftaudit.memory.result",
     "COMPONENTS": "peftaudit.memory.result",
-    "trace": "peftaudit.memory.trace",
+    "trace": "peftaudit.memory.tracing",
 }
 
 __all__ = [

@@ -10,26 +10,20 @@ Integration (for ``peftaudit report`` and friends), in three calls::
     plans = memory_cli.plans_from_args(args)    # [] when no estimator flag was given
     if plans:
         from peftaudit.memory import estimate, trace
-        estimates = [estimate(inventory, p) for p in plans]
+        estimates = [estimate(loaded.inventory, p) for p in plans]
         if memory_cli.wants_trace(args):        # --trace: the fake-tensor oracle, per plan
-            estimates += [trace(source.build(resolved, options), p) for p in plans]
+            estimates += [trace(loaded.skeleton(), p) for p in plans]
         from peftaudit.memory.render import render_estimates, estimates_markdown
         render_estimates(estimates, console)    # table + bar chart; JSON: [e.to_dict() for e in estimates]
 
-Flags (all optional; every one has the :class:`~peftaudit.memory.plan.TrainingPlan` default):
+A command that always estimates (``fit``, ``plan``, ``gpus``) passes the
+methods to use when none is named: ``plans_from_args(args, default_methods="lora")``.
 
-``--method M`` ``--compare M1,M2,...`` ``--rank R`` ``--alpha A`` ``--dropout P``
-``--targets all-linear|default|name,name`` ``--targets-regex REGEX`` ``--exclude names``
-``--target-parameters names`` ``--modules-to-save names`` ``--rank-pattern REGEX=R`` (repeatable)
-``--batch-size B`` ``--seq-len S`` ``--gradient-checkpointing`` / ``--no-gradient-checkpointing``
-``--grad-accum N`` ``--attention sdpa|flash|eager`` ``--loss default|chunked``
-``--optimizer NAME`` ``--optimizer-impl fused|foreach|for-loop`` ``--precision P``
-``--base-dtype D`` ``--adapter-dtype D`` ``--quant-type nf4|fp4`` ``--no-double-quant`` ``--kbit-upcast``
-``--gpus N`` ``--gpus-per-node N`` ``--sharding S`` ``--offload none|optimizer|parameters|both``
-``--cuda-context MIB`` ``--allocator-margin FRACTION`` ``--virtual-tokens N`` ``--trainable-layers N``
-``--trace``
-
-Nothing heavy is imported here: parsing flags does not import torch.
+The flags: ``--method M`` or ``--compare M1,M2,...``, one flag per
+:class:`~peftaudit.memory.plan.TrainingPlan` field in :data:`PLAN_FLAGS`
+(``--rank R``, ``--batch-size B``, ``--cuda-context MIB``, ...), and ``--trace``.
+Every one is optional and has the plan's default. Nothing heavy is imported
+here: parsing flags does not import torch.
 
 Every default the help states is read from :class:`TrainingPlan`'s own field,
 so the help, ``docs/cli.md`` (generated from it) and the estimate cannot
@@ -42,6 +36,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from peftaudit.commands._output import finite_float, non_negative_float, positive_float
@@ -61,44 +57,6 @@ from peftaudit.memory.plan import (
     TrainingPlan,
 )
 
-#: Destinations of the flags this module adds (all default to None: "not given").
-_DESTS = (
-    "memory_method",
-    "memory_compare",
-    "memory_rank",
-    "memory_alpha",
-    "memory_dropout",
-    "memory_targets",
-    "memory_targets_regex",
-    "memory_exclude",
-    "memory_target_parameters",
-    "memory_modules_to_save",
-    "memory_rank_pattern",
-    "memory_batch_size",
-    "memory_seq_len",
-    "memory_gradient_checkpointing",
-    "memory_grad_accum",
-    "memory_attention",
-    "memory_loss",
-    "memory_optimizer",
-    "memory_optimizer_impl",
-    "memory_precision",
-    "memory_base_dtype",
-    "memory_adapter_dtype",
-    "memory_quant_type",
-    "memory_double_quant",
-    "memory_kbit_upcast",
-    "memory_gpus",
-    "memory_gpus_per_node",
-    "memory_sharding",
-    "memory_offload",
-    "memory_cuda_context",
-    "memory_allocator_margin",
-    "memory_virtual_tokens",
-    "memory_trainable_layers",
-    "memory_trace",
-)
-
 
 def plan_default(name: str) -> Any:
     """The default of :class:`TrainingPlan`'s field ``name``: the one source the help quotes."""
@@ -108,134 +66,8 @@ def plan_default(name: str) -> Any:
     raise KeyError(name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the memory-estimate flags to ``parser`` as one argument group."""
-    d = plan_default
-    g = parser.add_argument_group("memory estimate", "estimate peak GPU memory for a training plan")
-    add = g.add_argument
-    add(
-        "--method",
-        dest="memory_method",
-        metavar="M",
-        help="fine-tuning method (full, freeze, lora, qlora, lora-8bit, dora, ia3, prompt-tuning, or a plugin's)",
-    )
-    add("--compare", dest="memory_compare", metavar="M1,M2", help="several methods side by side")
-    add("--rank", dest="memory_rank", type=int, metavar="R", help=f"LoRA rank (default {d('rank')})")
-    add("--alpha", dest="memory_alpha", type=positive_float, metavar="A", help="LoRA alpha (default 2 x rank)")
-    add(
-        "--dropout",
-        dest="memory_dropout",
-        type=finite_float,
-        metavar="P",
-        help=f"LoRA dropout (default {d('dropout'):g})",
-    )
-    add(
-        "--targets",
-        dest="memory_targets",
-        metavar="T",
-        help="all-linear (default), default (peft's per-model default) or comma-separated module names",
-    )
-    add("--targets-regex", dest="memory_targets_regex", metavar="REGEX", help="a regex over full module paths")
-    add("--exclude", dest="memory_exclude", metavar="NAMES", help="module names never adapted")
-    add(
-        "--target-parameters",
-        dest="memory_target_parameters",
-        metavar="NAMES",
-        help="parameters adapted directly (fused MoE experts)",
-    )
-    add("--modules-to-save", dest="memory_modules_to_save", metavar="NAMES", help="modules trained in full")
-    add(
-        "--rank-pattern",
-        dest="memory_rank_pattern",
-        action="append",
-        metavar="REGEX=R",
-        help="per-module rank (repeatable)",
-    )
-    add(
-        "--batch-size",
-        dest="memory_batch_size",
-        type=int,
-        metavar="B",
-        help=f"micro-batch per GPU (default {d('batch_size')})",
-    )
-    add("--seq-len", dest="memory_seq_len", type=int, metavar="S", help=f"tokens per sequence (default {d('seq_len')})")
-    add(
-        "--gradient-checkpointing",
-        dest="memory_gradient_checkpointing",
-        action=argparse.BooleanOptionalAction,
-        help="recompute layers in backward",
-    )
-    add("--grad-accum", dest="memory_grad_accum", type=int, metavar="N", help="gradient accumulation steps")
-    add("--attention", dest="memory_attention", choices=ATTENTIONS, help="attention implementation")
-    add("--loss", dest="memory_loss", choices=LOSSES, help="default (fp32 logits) or chunked")
-    add("--optimizer", dest="memory_optimizer", choices=OPTIMIZERS, help="optimizer (none = inference)")
-    add("--optimizer-impl", dest="memory_optimizer_impl", choices=OPTIMIZER_IMPLS, help="torch optimizer kernel")
-    add(
-        "--precision",
-        dest="memory_precision",
-        choices=PRECISIONS,
-        help=f"training precision (default {d('precision')})",
-    )
-    add(
-        "--base-dtype",
-        dest="memory_base_dtype",
-        choices=BASE_DTYPES,
-        help="storage of frozen base weights (overrides the checkpoint's own quantization_config)",
-    )
-    add("--adapter-dtype", dest="memory_adapter_dtype", choices=ADAPTER_DTYPES, help="adapter weights' dtype")
-    add("--quant-type", dest="memory_quant_type", choices=QUANT_TYPES, help="QLoRA 4-bit format")
-    add(
-        "--double-quant",
-        dest="memory_double_quant",
-        action=argparse.BooleanOptionalAction,
-        help=f"QLoRA double quantization (default {'on' if d('double_quant') else 'off'})",
-    )
-    add(
-        "--kbit-upcast",
-        dest="memory_kbit_upcast",
-        action="store_true",
-        default=None,
-        help="prepare_model_for_kbit_training: non-quantized weights to fp32",
-    )
-    add("--gpus", dest="memory_gpus", type=int, metavar="N", help="GPUs in the job")
-    add("--gpus-per-node", dest="memory_gpus_per_node", type=int, metavar="N", help="GPUs per node")
-    add("--sharding", dest="memory_sharding", choices=SHARDINGS, help="ddp, zero1/2/3, fsdp, fsdp-hybrid")
-    add("--offload", dest="memory_offload", choices=OFFLOADS, help="CPU offload")
-    add(
-        "--cuda-context",
-        dest="memory_cuda_context",
-        type=non_negative_float,
-        metavar="MIB",
-        help=f"CUDA context and workspaces in MiB (default {d('cuda_context_bytes') / MIB:g})",
-    )
-    add(
-        "--allocator-margin",
-        dest="memory_allocator_margin",
-        type=finite_float,
-        metavar="FRACTION",
-        help=f"allocator slack as a fraction of allocated memory (default {d('allocator_fraction'):.2f})",
-    )
-    add(
-        "--virtual-tokens",
-        dest="memory_virtual_tokens",
-        type=int,
-        metavar="N",
-        help=f"prompt tuning tokens (default {d('num_virtual_tokens')})",
-    )
-    add(
-        "--trainable-layers",
-        dest="memory_trainable_layers",
-        type=int,
-        metavar="N",
-        help=f"freeze tuning: last N layers train (default {d('trainable_layers')})",
-    )
-    add(
-        "--trace",
-        dest="memory_trace",
-        action="store_true",
-        default=None,
-        help="also simulate one real training step with fake tensors (slower, no GPU needed)",
-    )
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
 def _compiles(flag: str, given: str, pattern: str) -> None:
@@ -246,8 +78,184 @@ def _compiles(flag: str, given: str, pattern: str) -> None:
         raise PlanError(f"{flag} {given!r} is not a valid regular expression: {exc.msg}") from None
 
 
-def _names(value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+def _targets(value: str) -> str | tuple[str, ...]:
+    return value if value in ("all-linear", "default") else _names(value)
+
+
+def _targets_regex(value: str) -> str:
+    _compiles("--targets-regex", value, value)  # peft: re.fullmatch(target_modules, name)
+    return value
+
+
+def _rank_patterns(items: list[str]) -> tuple[tuple[str, int], ...]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key:
+            raise PlanError(f"--rank-pattern wants REGEX=RANK, got {item!r}")
+        _compiles("--rank-pattern", key, rf"(.*\.)?({key})$")  # as peft's get_pattern_key matches it
+        try:
+            pairs.append((key, int(value)))
+        except ValueError:
+            raise PlanError(f"--rank-pattern rank must be an integer, got {value!r}") from None
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class PlanFlag:
+    """One command-line flag that sets one :class:`TrainingPlan` field."""
+
+    field: str
+    """The field it sets (two flags may set one field, e.g. ``--targets`` and ``--targets-regex``)."""
+    flag: str
+    help: str
+    """``{default}`` in it is the field's default, as the flag spells it (a switch: on/off)."""
+    metavar: str | None = None
+    parse: Callable[[str], Any] | None = None
+    """argparse's ``type``: the check a number must pass where it is typed."""
+    choices: Sequence[str] | None = None
+    action: str | type[argparse.Action] | None = None
+    to_plan: Callable[[Any], Any] | None = None
+    """From the parsed value to the field's value; raises :class:`PlanError` naming the flag."""
+    unit: int = 1
+    """The field holds the flag's number times ``unit`` (``--cuda-context`` is in MiB, the field in bytes)."""
+
+    @property
+    def dest(self) -> str:
+        return "memory_" + self.flag.removeprefix("--").replace("-", "_")
+
+    def shown_default(self) -> object:
+        default = plan_default(self.field)
+        if isinstance(default, bool):
+            return "on" if default else "off"
+        return default / self.unit if self.unit != 1 else default
+
+    def value(self, parsed: Any) -> Any:
+        if self.unit != 1:
+            return int(float(parsed) * self.unit)
+        return self.to_plan(parsed) if self.to_plan else parsed
+
+
+_switch = argparse.BooleanOptionalAction
+
+#: The plan's flags, in the order the help lists them.
+PLAN_FLAGS: tuple[PlanFlag, ...] = (
+    PlanFlag("rank", "--rank", "LoRA rank (default {default})", "R", int),
+    PlanFlag("alpha", "--alpha", "LoRA alpha (default 2 x rank)", "A", positive_float),
+    PlanFlag("dropout", "--dropout", "LoRA dropout (default {default:g})", "P", finite_float),
+    PlanFlag(
+        "targets",
+        "--targets",
+        "all-linear (default), default (peft's per-model default) or comma-separated module names",
+        "T",
+        to_plan=_targets,
+    ),
+    PlanFlag("targets", "--targets-regex", "a regex over full module paths", "REGEX", to_plan=_targets_regex),
+    PlanFlag("exclude", "--exclude", "module names never adapted", "NAMES", to_plan=_names),
+    PlanFlag(
+        "target_parameters",
+        "--target-parameters",
+        "parameters adapted directly (fused MoE experts)",
+        "NAMES",
+        to_plan=_names,
+    ),
+    PlanFlag("modules_to_save", "--modules-to-save", "modules trained in full", "NAMES", to_plan=_names),
+    PlanFlag(
+        "rank_pattern",
+        "--rank-pattern",
+        "per-module rank (repeatable)",
+        "REGEX=R",
+        action="append",
+        to_plan=_rank_patterns,
+    ),
+    PlanFlag("batch_size", "--batch-size", "micro-batch per GPU (default {default})", "B", int),
+    PlanFlag("seq_len", "--seq-len", "tokens per sequence (default {default})", "S", int),
+    PlanFlag("gradient_checkpointing", "--gradient-checkpointing", "recompute layers in backward", action=_switch),
+    PlanFlag("gradient_accumulation", "--grad-accum", "gradient accumulation steps", "N", int),
+    PlanFlag("attention", "--attention", "attention implementation", choices=ATTENTIONS),
+    PlanFlag("loss", "--loss", "default (fp32 logits) or chunked", choices=LOSSES),
+    PlanFlag("optimizer", "--optimizer", "optimizer (none = inference)", choices=OPTIMIZERS),
+    PlanFlag("optimizer_impl", "--optimizer-impl", "torch optimizer kernel", choices=OPTIMIZER_IMPLS),
+    PlanFlag("precision", "--precision", "training precision (default {default})", choices=PRECISIONS),
+    PlanFlag(
+        "base_dtype",
+        "--base-dtype",
+        "storage of frozen base weights (overrides the checkpoint's own quantization_config)",
+        choices=BASE_DTYPES,
+    ),
+    PlanFlag("adapter_dtype", "--adapter-dtype", "adapter weights' dtype", choices=ADAPTER_DTYPES),
+    PlanFlag("quant_type", "--quant-type", "QLoRA 4-bit format", choices=QUANT_TYPES),
+    PlanFlag("double_quant", "--double-quant", "QLoRA double quantization (default {default})", action=_switch),
+    PlanFlag(
+        "kbit_upcast",
+        "--kbit-upcast",
+        "prepare_model_for_kbit_training: non-quantized weights to fp32",
+        action="store_true",
+    ),
+    PlanFlag("gpus", "--gpus", "GPUs in the job", "N", int),
+    PlanFlag("gpus_per_node", "--gpus-per-node", "GPUs per node", "N", int),
+    PlanFlag("sharding", "--sharding", "ddp, zero1/2/3, fsdp, fsdp-hybrid", choices=SHARDINGS),
+    PlanFlag("offload", "--offload", "CPU offload", choices=OFFLOADS),
+    PlanFlag(
+        "cuda_context_bytes",
+        "--cuda-context",
+        "CUDA context and workspaces in MiB (default {default:g})",
+        "MIB",
+        non_negative_float,
+        unit=MIB,
+    ),
+    PlanFlag(
+        "allocator_fraction",
+        "--allocator-margin",
+        "allocator slack as a fraction of allocated memory (default {default:.2f})",
+        "FRACTION",
+        finite_float,
+    ),
+    PlanFlag("num_virtual_tokens", "--virtual-tokens", "prompt tuning tokens (default {default})", "N", int),
+    PlanFlag(
+        "trainable_layers",
+        "--trainable-layers",
+        "freeze tuning: last N layers train (default {default})",
+        "N",
+        int,
+    ),
+)
+
+#: Destinations of every flag this module adds (all default to None: "not given").
+_DESTS = ("memory_method", "memory_compare", *(f.dest for f in PLAN_FLAGS), "memory_trace")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the memory-estimate flags to ``parser`` as one argument group."""
+    g = parser.add_argument_group("memory estimate", "estimate peak GPU memory for a training plan")
+    g.add_argument(
+        "--method",
+        dest="memory_method",
+        metavar="M",
+        help="fine-tuning method (full, freeze, lora, qlora, lora-8bit, dora, ia3, prompt-tuning, or a plugin's)",
+    )
+    g.add_argument("--compare", dest="memory_compare", metavar="M1,M2", help="several methods side by side")
+    for flag in PLAN_FLAGS:
+        options: dict[str, Any] = {
+            "metavar": flag.metavar,
+            "type": flag.parse,
+            "choices": flag.choices,
+            "action": flag.action,
+        }
+        g.add_argument(
+            flag.flag,
+            dest=flag.dest,
+            default=None,
+            help=flag.help.format(default=flag.shown_default()),
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    g.add_argument(
+        "--trace",
+        dest="memory_trace",
+        action="store_true",
+        default=None,
+        help="also simulate one real training step with fake tensors (slower, no GPU needed)",
+    )
 
 
 def _given(args: argparse.Namespace) -> bool:
@@ -260,71 +268,27 @@ def wants_trace(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "memory_trace", None))
 
 
-def plans_from_args(args: argparse.Namespace) -> list[TrainingPlan]:
+def plans_from_args(args: argparse.Namespace, *, default_methods: str | None = None) -> list[TrainingPlan]:
     """One :class:`TrainingPlan` per method asked for; ``[]`` when no estimator flag was given.
 
-    Raises :class:`~peftaudit.memory.plan.PlanError` (one line, exit 2 in the CLI)
-    for flags that make no plan, e.g. ``--rank-pattern`` without ``=``.
+    ``default_methods`` (comma-separated) are the methods when neither ``--method``
+    nor ``--compare`` names one; given, there are plans even without a flag.
+    ``args`` is only read. Raises :class:`~peftaudit.memory.plan.PlanError`
+    (one line, exit 2 in the CLI) for flags that make no plan, e.g.
+    ``--rank-pattern`` without ``=``.
     """
-    if not _given(args):
+    if default_methods is None and not _given(args):
         return []
     fields: dict[str, Any] = {}
-
-    def put(name: str, dest: str, convert: Any = None) -> None:
-        value = getattr(args, dest, None)
-        if value is not None:
-            fields[name] = convert(value) if convert else value
-
-    put("rank", "memory_rank")
-    put("alpha", "memory_alpha")
-    put("dropout", "memory_dropout")
-    targets = getattr(args, "memory_targets", None)
-    regex = getattr(args, "memory_targets_regex", None)
-    if targets and regex:
-        raise PlanError("give --targets or --targets-regex, not both")
-    if regex:
-        _compiles("--targets-regex", regex, regex)  # peft: re.fullmatch(target_modules, name)
-        fields["targets"] = regex
-    elif targets:
-        fields["targets"] = targets if targets in ("all-linear", "default") else _names(targets)
-    put("exclude", "memory_exclude", _names)
-    put("target_parameters", "memory_target_parameters", _names)
-    put("modules_to_save", "memory_modules_to_save", _names)
-    patterns = getattr(args, "memory_rank_pattern", None)
-    if patterns:
-        pairs = []
-        for item in patterns:
-            key, sep, value = item.rpartition("=")
-            if not sep or not key:
-                raise PlanError(f"--rank-pattern wants REGEX=RANK, got {item!r}")
-            _compiles("--rank-pattern", key, rf"(.*\.)?({key})$")  # as peft's get_pattern_key matches it
-            try:
-                pairs.append((key, int(value)))
-            except ValueError:
-                raise PlanError(f"--rank-pattern rank must be an integer, got {value!r}") from None
-        fields["rank_pattern"] = tuple(pairs)
-    put("batch_size", "memory_batch_size")
-    put("seq_len", "memory_seq_len")
-    put("gradient_checkpointing", "memory_gradient_checkpointing")
-    put("gradient_accumulation", "memory_grad_accum")
-    put("attention", "memory_attention")
-    put("loss", "memory_loss")
-    put("optimizer", "memory_optimizer")
-    put("optimizer_impl", "memory_optimizer_impl")
-    put("precision", "memory_precision")
-    put("base_dtype", "memory_base_dtype")
-    put("adapter_dtype", "memory_adapter_dtype")
-    put("quant_type", "memory_quant_type")
-    put("double_quant", "memory_double_quant")
-    put("kbit_upcast", "memory_kbit_upcast")
-    put("gpus", "memory_gpus")
-    put("gpus_per_node", "memory_gpus_per_node")
-    put("sharding", "memory_sharding")
-    put("offload", "memory_offload")
-    put("cuda_context_bytes", "memory_cuda_context", lambda mib: int(float(mib) * MIB))
-    put("allocator_fraction", "memory_allocator_margin")
-    put("num_virtual_tokens", "memory_virtual_tokens")
-    put("trainable_layers", "memory_trainable_layers")
+    given_by: dict[str, str] = {}
+    for flag in PLAN_FLAGS:
+        parsed = getattr(args, flag.dest, None)
+        if parsed is None or parsed == "":  # an empty --targets "" is as if not given
+            continue
+        if flag.field in given_by:
+            raise PlanError(f"give {given_by[flag.field]} or {flag.flag}, not both")
+        given_by[flag.field] = flag.flag
+        fields[flag.field] = flag.value(parsed)
     if fields.get("gpus", 1) > 1 and "sharding" not in fields:
         fields["sharding"] = "ddp"
 
@@ -332,7 +296,7 @@ def plans_from_args(args: argparse.Namespace) -> list[TrainingPlan]:
     compare = _names(getattr(args, "memory_compare", None))
     if method and compare:
         raise PlanError("give --method or --compare, not both")
-    methods = compare or ((method,) if method else ("lora",))
+    methods = compare or ((method,) if method else _names(default_methods or "lora"))
     plans = [TrainingPlan(method=m, **fields) for m in methods]
     for plan in plans:
         plan.validate()

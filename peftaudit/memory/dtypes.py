@@ -1,4 +1,4 @@
-"""Bytes per element, and the storage of quantized weights with their constants.
+"""Bytes per element (from :data:`peftaudit.units.DTYPE_BYTES`), and the storage of quantized weights.
 
 The quantized layouts are bitsandbytes' (``quantize_4bit``/``quantize_blockwise``
 and ``Int8Params``), the block-scaled fp8 layout of DeepSeek-V3/Qwen3-FP8
@@ -12,26 +12,11 @@ from __future__ import annotations
 
 import math
 
-#: Bytes per element of the dtypes the estimator uses (short names, as in the plan).
-DTYPE_BYTES: dict[str, int] = {
-    "fp32": 4,
-    "float32": 4,
-    "bf16": 2,
-    "bfloat16": 2,
-    "fp16": 2,
-    "float16": 2,
-    "fp8": 1,
-    "float8_e4m3fn": 1,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-    "int32": 4,
-    "int64": 8,
-    "float64": 8,
-}
+from peftaudit.units import DTYPE_BYTES, SHORT_DTYPES
 
-#: torch dtype names (as the inventory records them) to the plan's short names.
-SHORT: dict[str, str] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp32"}
+#: torch dtype names (as the inventory records them) to the plan's short names. Plans have no 64-bit
+#: float, and a float64 tensor (a buffer) maps to fp32 as it always has.
+SHORT: dict[str, str] = {**{name: short for short, name in SHORT_DTYPES.items()}, "float64": "fp32"}
 
 #: bitsandbytes' 4-bit block size (``quantize_4bit(blocksize=64)``, the transformers default).
 BNB_4BIT_BLOCK = 64

@@ -31,7 +31,6 @@ from peftaudit.memory.targets import (
     SavedModule,
     ia3_adapters,
     lora_adapters,
-    output_head_path,
     saved_modules,
 )
 
@@ -176,7 +175,7 @@ class PromptTuningMethod:
 def _lora_biases(inventory: Inventory, plan: TrainingPlan, adapters: tuple[ModuleAdapter, ...]) -> frozenset[str]:
     if plan.lora_bias == "none":
         return frozenset()
-    head = output_head_path(inventory)
+    head = inventory.output_head
     if plan.lora_bias == "all":
         return frozenset(p.name for p in inventory.parameters if p.is_bias and p.module != head)
     adapted = {a.path for a in adapters}

@@ -20,7 +20,6 @@ from typing import Any
 
 from peftaudit.errors import PeftauditError
 
-GIB = 1024**3
 MIB = 1024**2
 
 

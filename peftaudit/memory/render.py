@@ -1,6 +1,6 @@
 """Showing estimates: a rich table of components, a terminal bar chart, and Markdown.
 
-These functions read finished :class:`~peftaudit.memory.estimate.MemoryEstimate`
+These functions read finished :class:`~peftaudit.memory.result.MemoryEstimate`
 objects and never compute; the numbers shown are ``components`` and
 ``total_bytes`` as they are. Byte counts are shown in GiB (binary), labelled so.
 """
@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, MemoryEstimate
+from peftaudit.units import GIB
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
-
-GIB = 1024**3
 
 _SHORT: dict[str, str] = {
     "base_weights": "base",

@@ -1,18 +1,12 @@
-"""Which modules and parameters peft adapts, decided the way peft 0.21 decides it.
+"""Which adapters peft creates for a config, decided the way peft 0.21 decides it.
 
 Everything here reads the :class:`~peftaudit.inventory.Inventory` only, so the
 adapter shapes (and so the trainable parameter count) are known without
-building a ``PeftModel``. The rules, each from peft's source:
+building a ``PeftModel``. Which paths a config selects (``target_modules``,
+``all-linear``, ``exclude_modules``, ``modules_to_save``, ``rank_pattern``,
+``target_parameters``) is :mod:`peftaudit.matching`, the one copy of peft's
+matching rules; this module adds what peft builds on them:
 
-* ``target_modules`` as a list matches a module path exactly or by its end
-  (``key.endswith("." + name)``); as a string it is a regular expression that
-  must match the whole path (``re.fullmatch``); ``"all-linear"`` is every
-  ``nn.Linear`` and ``Conv1D`` except the output embedding
-  (``_maybe_include_all_linear_layers``).
-* ``exclude_modules`` and ``modules_to_save`` win over targets
-  (``check_target_module_exists``).
-* ``rank_pattern`` keys are regular expressions matched against the end of a
-  path (``get_pattern_key``: ``re.match(rf"(.*\\.)?({key})$", path)``), first key wins.
 * ``target_parameters`` adapt a parameter directly (``ParamWrapper``): a 3-D
   ``(experts, a, b)`` parameter gets ``lora_A`` of ``(r * experts, in)`` and
   ``lora_B`` of ``(out, r * experts)``.
@@ -28,6 +22,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from peftaudit.inventory import Inventory, ModuleRecord, ParameterRecord
+from peftaudit.matching import (
+    all_linear,
+    is_all_linear,
+    module_targeted,
+    parameter_targeted,
+    pattern_value,
+    saved,
+    targets_match,
+)
 from peftaudit.memory.plan import PlanError, TrainingPlan
 
 #: peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` for the families we model.
@@ -140,22 +143,6 @@ class SavedModule:
     params: int
 
 
-def output_head_path(inventory: Inventory) -> str | None:
-    """Path of the output embedding module (what ``get_output_embeddings()`` returns).
-
-    The last linear module that maps to the vocabulary (``lm_head``, BERT's
-    ``cls.predictions.decoder``, GPT-NeoX's ``embed_out``); tied or not.
-    """
-    vocab = inventory.dims.vocab_size
-    heads = [m.path for m in inventory.modules if m.is_linear and vocab and m.out_features == vocab]
-    if heads:
-        return heads[-1]
-    for p in inventory.parameters:
-        if p.kind == "output_head":
-            return p.module
-    return None
-
-
 def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora") -> tuple[ModuleAdapter, ...]:
     """The adapters ``get_peft_model(model, LoraConfig(...))`` creates for ``plan``.
 
@@ -171,10 +158,8 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
     rank_pattern = dict(plan.rank_pattern)
     target_parameters = list(plan.target_parameters)
     modules = {m.path: m for m in inventory.modules if m.path}
-    head = output_head_path(inventory)
-
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        names: str | set[str] = {p for p, m in modules.items() if m.is_linear and p != head}
+    if is_all_linear(targets):
+        names: str | set[str] = set(all_linear(inventory))
     elif isinstance(targets, str):
         names = targets
     else:
@@ -188,9 +173,7 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
 
     adapters: list[ModuleAdapter] = []
     for path, module in modules.items():
-        if _excluded(path, plan):
-            continue
-        if not _targeted(names, path):
+        if not module_targeted(path, names, exclude=plan.exclude, modules_to_save=plan.modules_to_save):
             continue
         # Subclasses of nn.Linear (Falcon's FalconLinear) are linear to peft too.
         if not module.is_linear and module.type not in _LORA_MODULE_TYPES:
@@ -198,7 +181,7 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
                 f"target '{path}' is a {module.type}; LoRA wraps Linear, Conv1D and Embedding "
                 "modules only (give the module's linear children instead)"
             )
-        r = _rank(rank_pattern, path, plan.rank)
+        r = pattern_value(rank_pattern, path, plan.rank)
         if module.type == "Embedding":
             num, dim = _embedding_shape(inventory, path)
             adapters.append(ModuleAdapter(path, "lora_embedding", r, num, dim, dora=kind == "dora"))
@@ -214,7 +197,7 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
         found = _param_adapters(inventory, target_parameters, rank_pattern, plan.rank)
         # A name the user gave that matches no parameter is a typo, as an unknown target module is.
         adapted = [f"{a.path}.{a.parameter}" for a in found]
-        missing = [t for t in plan.target_parameters if not any(k == t or k.endswith("." + t) for k in adapted)]
+        missing = [t for t in plan.target_parameters if not any(parameter_targeted(k, (t,)) for k in adapted)]
         if missing:
             raise PlanError(
                 f"target_parameters {missing} match no parameter of this {inventory.architecture} "
@@ -237,7 +220,7 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
 def ia3_adapters(inventory: Inventory, plan: TrainingPlan) -> tuple[ModuleAdapter, ...]:
     """IA3 scaling vectors on peft's default IA3 targets (or ``plan.targets`` when given as names)."""
     model_type = inventory.model_type or ""
-    if plan.targets in ("default", "all-linear") or not isinstance(plan.targets, tuple):
+    if plan.targets == "default" or is_all_linear(plan.targets) or not isinstance(plan.targets, tuple):
         if model_type not in DEFAULT_IA3_TARGETS:
             raise PlanError(f"peft has no default IA3 targets for model type '{model_type}'; give --targets")
         names, feedforward = DEFAULT_IA3_TARGETS[model_type]
@@ -245,11 +228,11 @@ def ia3_adapters(inventory: Inventory, plan: TrainingPlan) -> tuple[ModuleAdapte
         names, feedforward = plan.targets, ()
     adapters = []
     for module in inventory.modules:
-        if not module.path or not module.is_linear or _excluded(module.path, plan):
+        if not module.path or not module.is_linear:
             continue
-        if not _targeted(set(names), module.path):
+        if not module_targeted(module.path, names, exclude=plan.exclude, modules_to_save=plan.modules_to_save):
             continue
-        ff = _targeted(set(feedforward), module.path)
+        ff = targets_match(feedforward, module.path)
         adapters.append(
             ModuleAdapter(module.path, "ia3", 0, module.in_features or 0, module.out_features or 0, feedforward=ff)
         )
@@ -264,7 +247,7 @@ def saved_modules(inventory: Inventory, plan: TrainingPlan) -> tuple[SavedModule
         return ()
     found: list[SavedModule] = []
     paths = [m.path for m in inventory.modules if m.path]
-    chosen = [p for p in paths if any(p.endswith(name) for name in plan.modules_to_save)]
+    chosen = [p for p in paths if saved(p, plan.modules_to_save)]
     # A module inside an already chosen module is part of that copy.
     chosen = [p for p in chosen if not any(p != q and p.startswith(q + ".") for q in chosen)]
     for path in chosen:
@@ -277,26 +260,6 @@ def saved_modules(inventory: Inventory, plan: TrainingPlan) -> tuple[SavedModule
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _excluded(path: str, plan: TrainingPlan) -> bool:
-    if any(path == e or path.endswith("." + e) for e in plan.exclude):
-        return True
-    # peft matches modules_to_save names literally (key.endswith(name)): "(" is a name, not a regex.
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in plan.modules_to_save)
-
-
-def _targeted(names: str | set[str], path: str) -> bool:
-    if isinstance(names, str):
-        return re.fullmatch(names, path) is not None
-    return path in names or any(path.endswith("." + n) for n in names)
-
-
-def _rank(rank_pattern: Mapping[str, int], key: str, default: int) -> int:
-    for pattern, rank in rank_pattern.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return rank
-    return default
 
 
 def _embedding_shape(inventory: Inventory, path: str) -> tuple[int, int]:
@@ -320,9 +283,9 @@ def _param_adapters(
     targets = sorted(set(target_parameters))
     for p in inventory.parameters:
         key = p.name
-        if not (key in targets or any(key.endswith("." + t) for t in targets)):
+        if not parameter_targeted(key, targets):
             continue
-        r = _rank(rank_pattern, key, rank)
+        r = pattern_value(rank_pattern, key, rank)
         if len(p.shape) == 3:
             experts, a, b = p.shape
         elif len(p.shape) == 2:
@@ -366,7 +329,7 @@ def _convert_moe(
         if not resolved:
             return names, target_parameters, rank_pattern
         name_set = resolved
-    elif plan.targets == "all-linear":
+    elif is_all_linear(plan.targets):
         name_set = _leaf_names(inventory, names) | set(mapping)
     else:
         name_set = set(names)

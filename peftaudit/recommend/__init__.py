@@ -5,7 +5,7 @@
 >>> export(rec.recipe, "axolotl").text                               # doctest: +SKIP
 
 Nothing here imports torch at module level: the inventory and the model facts
-come in built (``peftaudit.recommend.cli.load_model``), and plugins that add
+come in built (``peftaudit.sources.load``), and plugins that add
 checks or exporters can import this package cheaply.
 """
 
@@ -14,15 +14,15 @@ from __future__ import annotations
 from peftaudit.recommend.checks import Check, CheckContext, check, run_checks
 from peftaudit.recommend.exports import Export, Exporter, ExportError, export
 from peftaudit.recommend.facts import ModelFacts, model_facts
-from peftaudit.recommend.findings import SEVERITIES, Finding
+from peftaudit.recommend.findings import Finding
 from peftaudit.recommend.rank import TASKS, LoraHyperparameters, Reason
 from peftaudit.recommend.recipe import LoraRecipe
 from peftaudit.recommend.recommendation import Recommendation, RecommendRequest, recommend
 from peftaudit.recommend.targets import PRESETS, TargetSelection, TargetSpec, count_adapters, resolve_preset
+from peftaudit.severity import Severity
 
 __all__ = [
     "PRESETS",
-    "SEVERITIES",
     "TASKS",
     "Check",
     "CheckContext",
@@ -36,6 +36,7 @@ __all__ = [
     "Reason",
     "RecommendRequest",
     "Recommendation",
+    "Severity",
     "TargetSelection",
     "TargetSpec",
     "check",

@@ -8,8 +8,9 @@ parameter budget over more matrices beats a higher rank, so a tight budget
 never drops targets; and the adapter is a small part of the peak anyway.
 
 All figures come from the memory estimator (:func:`peftaudit.memory.estimate`);
-when it cannot estimate a model, budget choices are skipped with a note and
-nothing else changes.
+when it cannot estimate a model (it raises a
+:class:`~peftaudit.errors.PeftauditError` saying why), budget choices are
+skipped with a note and nothing else changes.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ MIN_BUDGET_RANK = 4
 
 
 @dataclass(frozen=True)
-class Shape:
-    """The micro-batch the memory figures are for."""
+class MicroBatch:
+    """The micro-batch the memory figures are for (per GPU), and whether it is checkpointed."""
 
     batch_size: int = 1
     seq_len: int = 2048
@@ -62,8 +63,8 @@ def state_bytes(trainable: int) -> int:
     return trainable * STATE_BYTES_PER_PARAM
 
 
-def training_plan(recipe: LoraRecipe, shape: Shape) -> TrainingPlan:
-    """The memory estimator's plan for a recipe at one micro-batch shape."""
+def training_plan(recipe: LoraRecipe, micro_batch: MicroBatch) -> TrainingPlan:
+    """The memory estimator's plan for a recipe at one micro-batch."""
     from peftaudit.memory import TrainingPlan
 
     t = recipe.targets
@@ -77,20 +78,25 @@ def training_plan(recipe: LoraRecipe, shape: Shape) -> TrainingPlan:
         exclude=t.exclude,
         modules_to_save=t.modules_to_save,
         rank_pattern=recipe.hyper.rank_pattern,
-        batch_size=shape.batch_size,
-        seq_len=shape.seq_len,
-        gradient_checkpointing=shape.gradient_checkpointing,
+        batch_size=micro_batch.batch_size,
+        seq_len=micro_batch.seq_len,
+        gradient_checkpointing=micro_batch.gradient_checkpointing,
     )
 
 
-def peak_bytes(inventory: Inventory, recipe: LoraRecipe, shape: Shape) -> int | None:
-    """Estimated peak GPU memory of one training step, or ``None`` where the estimator cannot tell."""
+def recipe_peak_bytes(inventory: Inventory, recipe: LoraRecipe, micro_batch: MicroBatch) -> int | None:
+    """Estimated peak GPU memory of one training step of ``recipe``, or ``None`` where the estimator cannot tell.
+
+    Only the estimator's own refusals (:class:`~peftaudit.errors.PeftauditError`:
+    a plan it cannot estimate, a config it cannot read) mean "cannot tell"; any
+    other exception is a bug and surfaces.
+    """
     from peftaudit.errors import PeftauditError
     from peftaudit.memory import estimate
 
     try:
-        return int(estimate(inventory, training_plan(recipe, shape)).total_bytes)
-    except (PeftauditError, NotImplementedError, KeyError, ValueError):
+        return int(estimate(inventory, training_plan(recipe, micro_batch)).total_bytes)
+    except PeftauditError:
         return None
 
 
@@ -99,7 +105,7 @@ def fit_budget(
     selection: TargetSelection,
     recipe: LoraRecipe,
     budget_bytes: int,
-    shape: Shape,
+    micro_batch: MicroBatch,
     *,
     gpu: str | None = None,
     methods: tuple[str, ...] = ("lora", "qlora"),
@@ -128,7 +134,7 @@ def fit_budget(
 
     tried: list[tuple[str, int]] = []
     for label, candidate, checkpointing in tries:
-        peak = peak_bytes(inventory, candidate, replace(shape, gradient_checkpointing=checkpointing))
+        peak = recipe_peak_bytes(inventory, candidate, replace(micro_batch, gradient_checkpointing=checkpointing))
         if peak is None:
             return (
                 recipe,

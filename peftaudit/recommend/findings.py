@@ -7,39 +7,59 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftaudit.errors import PeftauditError
-
-#: Severities, least severe first.
-SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
+from peftaudit.severity import Severity
 
 #: ``--fail-on`` levels: a severity, or ``never``.
-FAIL_ON_LEVELS: tuple[str, ...] = (*SEVERITIES, "never")
+FAIL_ON_LEVELS: tuple[str, ...] = (*(s.value for s in Severity), "never")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Finding:
     """One thing a user should know before training.
 
     ``id`` never changes once released (CI configs and suppressions name it);
+    ``severity`` is a :class:`~peftaudit.Severity` or its word (``"warning"``);
     ``modules`` lists the affected module paths with layer indices collapsed
     (``model.layers.*.mlp.experts``); ``fix`` says what to change, concretely.
     """
 
     id: str
-    severity: str
+    severity: Severity
     title: str
     fix: str
     modules: tuple[str, ...] = ()
     detail: str = ""
 
-    def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"finding {self.id}: severity must be one of {SEVERITIES}, got {self.severity!r}")
+    def __init__(
+        self,
+        id: str,
+        severity: Severity | str,
+        title: str,
+        fix: str,
+        modules: tuple[str, ...] = (),
+        detail: str = "",
+    ) -> None:
+        # Plugins pass the word; store the member, so `severity.rank` and `is Severity.ERROR` work.
+        try:
+            level = Severity(severity)
+        except ValueError:
+            words = tuple(s.value for s in Severity)
+            raise ValueError(f"finding {id}: severity must be one of {words}, got {severity!r}") from None
+        for name, value in (
+            ("id", id),
+            ("severity", level),
+            ("title", title),
+            ("fix", fix),
+            ("modules", modules),
+            ("detail", detail),
+        ):
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         """Stable keys, for ``--format json``."""
         return {
             "id": self.id,
-            "severity": self.severity,
+            "severity": self.severity.value,
             "title": self.title,
             "modules": list(self.modules),
             "fix": self.fix,
@@ -58,14 +78,9 @@ class Finding:
         )
 
 
-def severity_rank(severity: str) -> int:
-    """0 for info, 1 for warning, 2 for error."""
-    return SEVERITIES.index(severity)
-
-
 def sort_findings(findings: Iterable[Finding]) -> tuple[Finding, ...]:
     """Most severe first, then by id: a stable order for output and tests."""
-    return tuple(sorted(findings, key=lambda f: (-severity_rank(f.severity), f.id, f.title)))
+    return tuple(sorted(findings, key=lambda f: (-f.severity.rank, f.id, f.title)))
 
 
 def reaches(findings: Iterable[Finding], level: str) -> list[Finding]:
@@ -74,13 +89,13 @@ def reaches(findings: Iterable[Finding], level: str) -> list[Finding]:
         raise PeftauditError(f"unknown level '{level}'; choose one of: {', '.join(FAIL_ON_LEVELS)}")
     if level == "never":
         return []
-    floor = severity_rank(level)
-    return [f for f in findings if severity_rank(f.severity) >= floor]
+    floor = Severity(level).rank
+    return [f for f in findings if f.severity.rank >= floor]
 
 
 def counts(findings: Iterable[Finding]) -> dict[str, int]:
     """How many findings of each severity, every severity present."""
-    out = dict.fromkeys(SEVERITIES, 0)
+    out = {s.value: 0 for s in Severity}
     for f in findings:
-        out[f.severity] += 1
+        out[f.severity.value] += 1
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from peftaudit.recommend.budget import BudgetFit, Shape, fit_budget, peak_bytes, state_bytes
+from peftaudit.recommend.budget import BudgetFit, MicroBatch, fit_budget, recipe_peak_bytes, state_bytes
 from peftaudit.recommend.checks import CheckContext, run_checks
 from peftaudit.recommend.findings import Finding
 from peftaudit.recommend.rank import TASKS, Reason, choose, hyperparameters_at, neighbours
@@ -206,7 +206,7 @@ def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest
             "with task_type SEQ_CLS peft trains the new head ('score' or 'classifier') in full"
         )
 
-    shape = Shape(batch_size=request.batch_size, seq_len=request.seq_len)
+    shape = MicroBatch(batch_size=request.batch_size, seq_len=request.seq_len)
     budget: BudgetFit | None = None
     if request.budget_bytes is not None:
         recipe, budget, budget_reasons = fit_budget(
@@ -232,7 +232,7 @@ def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest
             dropout=recipe.hyper.dropout,
         )
     )
-    peak = budget.peak_bytes if budget is not None else peak_bytes(inventory, recipe, shape)
+    peak = budget.peak_bytes if budget is not None else recipe_peak_bytes(inventory, recipe, shape)
     if peak is None:
         notes.append("the memory estimator cannot estimate this model: memory figures are adapter state only")
 
@@ -302,7 +302,7 @@ def _selection(inventory: Inventory, request: RecommendRequest, reasons: list[Re
 
 
 def _presets(
-    inventory: Inventory, recipe: LoraRecipe, request: RecommendRequest, shape: Shape
+    inventory: Inventory, recipe: LoraRecipe, request: RecommendRequest, shape: MicroBatch
 ) -> tuple[PresetOption, ...]:
     rows: list[PresetOption] = []
     for preset in PRESETS:
@@ -328,7 +328,7 @@ def _presets(
                 adapted_parameters=len(count.parameter_paths),
                 lora_params=count.lora_params,
                 state_bytes=state_bytes(count.trainable),
-                peak_bytes=peak_bytes(inventory, variant, shape),
+                peak_bytes=recipe_peak_bytes(inventory, variant, shape),
                 notes=sel.notes,
             )
         )
@@ -336,7 +336,7 @@ def _presets(
 
 
 def _ranks(
-    inventory: Inventory, selection: TargetSelection, recipe: LoraRecipe, shape: Shape
+    inventory: Inventory, selection: TargetSelection, recipe: LoraRecipe, shape: MicroBatch
 ) -> tuple[RankOption, ...]:
     down, up = neighbours(recipe.hyper.rank)
     rows: list[RankOption] = []
@@ -355,7 +355,7 @@ def _ranks(
                 use_rslora=hyper.use_rslora,
                 lora_params=count.lora_params,
                 state_bytes=state_bytes(count.trainable),
-                peak_bytes=peak_bytes(inventory, recipe.with_hyper(hyper), shape),
+                peak_bytes=recipe_peak_bytes(inventory, recipe.with_hyper(hyper), shape),
                 chosen=chosen,
             )
         )

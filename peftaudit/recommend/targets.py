@@ -12,10 +12,11 @@ peft's matching selects exactly the preset's modules and nothing else:
   against ``attention.output.dense``), a regular expression over the whole path,
   with the exact per-layer list kept for formats that cannot take one.
 
-What peft then creates, and so the exact adapter parameter count, is decided
-by :func:`peftaudit.memory.targets.lora_adapters`, the one model of peft's
-matching in peftaudit (shared with the memory estimator); this module only
-chooses names and checks that peft will do what the names say.
+Which paths a spec selects is :mod:`peftaudit.matching` (peft's rules, shared
+with the readiness checks and the memory estimator); what peft then creates,
+and so the exact adapter parameter count, is
+:func:`peftaudit.memory.targets.lora_adapters`. This module only chooses names
+and checks that peft will do what the names say.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from peftaudit.architecture import ModuleRole as R
 from peftaudit.errors import PeftauditError
+from peftaudit.matching import all_linear, is_all_linear, targets_match
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.inventory import Inventory
@@ -184,7 +186,7 @@ def resolve_preset(inventory: Inventory, preset: str, *, task: str = "instruct")
         raise TargetError(f"unknown target preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     notes: list[str] = []
     linear = [m for m in inventory.modules if m.path and m.is_linear]
-    head = output_head(inventory)
+    head = inventory.output_head
     classifiers = tuple(m.path for m in linear if m.role == R.CLASSIFIER)
 
     if preset == "qv":
@@ -202,7 +204,8 @@ def resolve_preset(inventory: Inventory, preset: str, *, task: str = "instruct")
     elif preset == "mlp":
         chosen = [m.path for m in linear if m.role in _MLP]
     else:
-        chosen = [m.path for m in linear if m.path != head and m.path not in classifiers]
+        # peft's all-linear; the classification head is left out too (it trains in full, or starts untrained).
+        chosen = [p for p in all_linear(inventory) if p not in classifiers]
         if head is not None:
             notes.append(f"the output head {head} is left out, as peft's all-linear does")
     parameters: list[str] = []
@@ -304,24 +307,6 @@ def fused_expert_parameters(inventory: Inventory) -> list[str]:
     return [p.name for p in inventory.parameters if p.kind == "experts" and len(p.shape) == 3]
 
 
-def output_head(inventory: Inventory) -> str | None:
-    """The output embedding module (what ``get_output_embeddings()`` returns), which ``all-linear`` leaves out.
-
-    A linear module the architecture rules call the output head and that maps
-    to the vocabulary (``lm_head``, BERT's ``cls.predictions.decoder``); by
-    role first, because an MLP can have as many outputs as the vocabulary in a
-    small config, and a classification model has no output embedding at all.
-    """
-    heads = [m for m in inventory.modules if m.path and m.is_linear and m.role == R.OUTPUT_HEAD]
-    vocab = inventory.dims.vocab_size
-    to_vocab = [m for m in heads if vocab and m.out_features == vocab]
-    if to_vocab:
-        return to_vocab[-1].path
-    if heads:
-        return max(heads, key=lambda m: m.out_features or 0).path
-    return None
-
-
 # --- counting (peft's decisions, from the shared model of peft) -----------------------------------
 
 
@@ -362,27 +347,15 @@ def count_adapters(
 # --- matching, as peft matches, for the readiness checks ----------------------------------------
 
 
-def name_matches(name: str, path: str) -> bool:
-    """peft's list matching: the whole path, or its end after a dot."""
-    return path == name or path.endswith("." + name)
-
-
 def spec_matches(spec: TargetSpec, path: str, *, linear_paths: Iterable[str] = ()) -> bool:
-    """Whether peft's ``target_modules`` (without its MoE rewriting) selects ``path``.
+    """Whether the spec's ``target_modules`` (without peft's MoE rewriting) selects ``path``.
 
-    ``linear_paths`` is what ``all-linear`` expands to, when the spec uses it.
+    ``linear_paths`` is what ``all-linear`` expands to (:func:`peftaudit.matching.all_linear`),
+    when the spec uses it.
     """
-    if spec.pattern is not None:
-        if spec.pattern.lower() == "all-linear":
-            return path in set(linear_paths)
-        return re.fullmatch(spec.pattern, path) is not None
-    return any(name_matches(n, path) for n in spec.names)
-
-
-def all_linear_paths(inventory: Inventory) -> tuple[str, ...]:
-    """What peft's ``"all-linear"`` expands to on this model."""
-    head = output_head(inventory)
-    return tuple(m.path for m in inventory.modules if m.path and m.is_linear and m.path != head)
+    if is_all_linear(spec.pattern):
+        return path in set(linear_paths)
+    return targets_match(spec.target_modules, path)
 
 
 # --- names --------------------------------------------------------------------------------------------

@@ -1,29 +1,6 @@
-"""Renderers: turn a finished report into text. They read, never compute."""
+"""Formatting every subsystem shares: number formats (:mod:`.numbers`) and the strict JSON writer (:mod:`.json`).
 
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-if TYPE_CHECKING:  # pragma: no cover
-    from peftaudit.report import Report
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    """How the user wants the report shown."""
-
-    width: int = 100
-    color: bool = False
-    tree: bool = False
-    """Include the module tree (terminal and Markdown)."""
-
-
-@runtime_checkable
-class Renderer(Protocol):
-    """An output format for ``--format NAME``."""
-
-    name: str
-    description: str
-
-    def render(self, report: Report, options: RenderOptions) -> str: ...
+Each subsystem renders its own results next to them (``report/render/``,
+``memory/render.py``, ``gpus/render.py``, ...); this package holds only what
+they all use, so a count or a JSON document looks the same from every command.
+"""

@@ -1,4 +1,4 @@
-"""JSON out: the one strict writer every command uses, and ``--format json`` for reports.
+"""JSON out: the one strict writer every command uses.
 
 :func:`dumps` is :func:`json.dumps` with ``allow_nan=False``: ``NaN`` and
 ``Infinity`` are not JSON (RFC 8259), and strict parsers (``jq``, JavaScript's
@@ -13,12 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-from peftaudit.render import RenderOptions
-
-if TYPE_CHECKING:  # pragma: no cover
-    from peftaudit.report import Report
+from typing import Any
 
 
 def dumps(data: Any, *, indent: int | None = 2, compact: bool = False) -> str:
@@ -53,11 +48,3 @@ def _non_finite(data: Any, path: str) -> tuple[str, float] | None:
         if found is not None:
             return found
     return None
-
-
-class JsonRenderer:
-    name = "json"
-    description = "machine-readable JSON (schema in docs/report-json.md)"
-
-    def render(self, report: Report, options: RenderOptions) -> str:
-        return dumps(report.to_dict()) + "\n"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-GIB = 1024**3
+from peftaudit.units import GIB
 
 
 def count(n: int) -> str:

@@ -21,6 +21,8 @@ from peftaudit.errors import ConfigError, RemoteCodeRequired
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from peftaudit.sources.base import ResolvedModel, SourceOptions
+
 _DTYPE_KEYS = ("dtype", "torch_dtype")
 
 #: config.json files are kilobytes; a larger one is refused before it is read
@@ -53,6 +55,16 @@ def build_from_config(
             "nothing to audit (check 'architectures')"
         )
     return model
+
+
+def build_resolved(resolved: ResolvedModel, options: SourceOptions) -> torch.nn.Module:
+    """The skeleton of a resolved config file (local folder or hub cache): remote code only if allowed."""
+    return build_from_config(
+        resolved.config,
+        model_id=resolved.id,
+        trust_remote_code=options.trust_remote_code,
+        local_dir=resolved.local_dir,
+    )
 
 
 def _build(

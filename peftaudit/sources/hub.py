@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from peftaudit.errors import ConfigError, PeftauditError, SourceNotFound
 from peftaudit.sources.base import ResolvedModel, SourceOptions
-from peftaudit.sources.build import build_from_config, read_config_file, validate_config
+from peftaudit.sources.build import build_resolved, read_config_file, validate_config
 from peftaudit.sources.catalog import lookup, to_resolved
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,12 +137,7 @@ class HubSource:
         )
 
     def build(self, resolved: ResolvedModel, options: SourceOptions) -> torch.nn.Module:
-        return build_from_config(
-            resolved.config,
-            model_id=resolved.id,
-            trust_remote_code=options.trust_remote_code,
-            local_dir=resolved.local_dir,
-        )
+        return build_resolved(resolved, options)
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from peftaudit.errors import ConfigError
 from peftaudit.sources.base import ResolvedModel, SourceOptions
-from peftaudit.sources.build import build_from_config, read_config_file, validate_config
+from peftaudit.sources.build import build_resolved, read_config_file, validate_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,12 +45,7 @@ class LocalSource:
         )
 
     def build(self, resolved: ResolvedModel, options: SourceOptions) -> torch.nn.Module:
-        return build_from_config(
-            resolved.config,
-            model_id=resolved.id,
-            trust_remote_code=options.trust_remote_code,
-            local_dir=resolved.local_dir,
-        )
+        return build_resolved(resolved, options)
 
 
 def _looks_like_path(spec: str) -> bool:

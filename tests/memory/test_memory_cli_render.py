@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from peftaudit.memory import PlanError, TrainingPlan, estimate
-from peftaudit.memory.cli import add_arguments, plans_from_args, wants_trace
+from peftaudit.memory.cli import PLAN_FLAGS, add_arguments, plans_from_args, wants_trace
 from peftaudit.memory.render import estimates_markdown, render_estimates
 
 
@@ -89,6 +89,29 @@ def test_flag_details() -> None:
     assert plan.sharding == "ddp"  # several GPUs without a strategy: plain data parallel
     (regex,) = plans_from_args(_parse("--targets-regex", r".*\.q_proj"))
     assert regex.targets == r".*\.q_proj"
+
+
+def test_every_plan_field_has_its_flag() -> None:
+    """PLAN_FLAGS is the one list: each flag sets a real field, and only these fields have none."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainingPlan)}
+    flagged = {flag.field for flag in PLAN_FLAGS}
+    assert flagged <= fields
+    # method comes from --method/--compare; lora_bias and trainable are for the Python API only.
+    assert fields - flagged == {"method", "lora_bias", "trainable"}
+    assert len({flag.flag for flag in PLAN_FLAGS}) == len(PLAN_FLAGS)
+
+
+def test_default_methods_make_plans_without_touching_args() -> None:
+    args = _parse()
+    before = vars(args).copy()
+    assert [p.method for p in plans_from_args(args, default_methods="full,lora")] == ["full", "lora"]
+    assert vars(args) == before and plans_from_args(args) == []
+    (plan,) = plans_from_args(_parse("--method", "qlora"), default_methods="full,lora")
+    assert plan.method == "qlora"
+    (empty,) = plans_from_args(_parse("--targets", ""), default_methods="lora")
+    assert empty.targets == "all-linear"  # an empty --targets is as if not given
 
 
 @pytest.mark.parametrize(

@@ -122,7 +122,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "desc_
 )
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_prequantized_estimate_agrees_with_trace(inventory_of, quantization_config: dict[str, Any], ckpt: bool) -> None:
-    from peftaudit.memory.trace import trace
+    from peftaudit.memory import trace
 
     config = _with(CONFIGS["llama"], quantization_config)
     plan = TrainingPlan(method="lora", seq_len=256, batch_size=2, gradient_checkpointing=ckpt)

@@ -2,7 +2,7 @@
 
 Each case builds a tiny real architecture on the meta device, estimates it
 analytically, then runs two real training steps of it with peft and torch on
-fake tensors (``peftaudit.memory.trace``) and compares the allocated peaks.
+fake tensors (``peftaudit.memory.tracing``) and compares the allocated peaks.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 from memory_models import LLAMA2_7B, build
 
-from peftaudit.memory import TrainingPlan, estimate
-from peftaudit.memory.trace import trace
+from peftaudit.memory import TrainingPlan, estimate, trace
 
 TOLERANCE = 0.10
 BASE = {"seq_len": 256, "batch_size": 2}

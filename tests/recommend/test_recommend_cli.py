@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from peftaudit.cli import main
-from peftaudit.recommend.cli import check_resolved, findings_json, gate, parse_size, parse_tokens
-from peftaudit.recommend.findings import Finding
+from peftaudit.recommend.cli import gate
+from peftaudit.recommend.findings import Finding, counts
 from peftaudit.recommend.render import render_findings, render_recommendation
+from peftaudit.units import parse_size, parse_tokens
 
 
 def test_help_imports_nothing_heavy() -> None:
@@ -143,15 +144,16 @@ def test_parsers() -> None:
 
 
 def test_report_check_helpers_on_a_catalog_model() -> None:
-    from peftaudit.sources.base import SourceOptions, resolve
+    from peftaudit.recommend.checks import CheckContext, run_checks
+    from peftaudit.sources import load
 
-    resolved, source = resolve("gpt2")
-    findings = check_resolved(resolved, source, SourceOptions())
+    model = load("gpt2")
+    findings = run_checks(CheckContext(inventory=model.inventory, facts=model.facts))
     ids = {f.id for f in findings}
     assert {"lora.fan-in-fan-out", "targets.ambiguous-name", "tokens.no-pad", "vocab.unaligned"} <= ids
     assert gate(findings, "warning")[0] == 1 and gate(findings, "error") == (0, None)
-    data = findings_json(findings)
-    assert data["finding_counts"]["warning"] >= 1 and len(data["findings"]) == len(findings)
+    data = {"finding_counts": counts(findings)}
+    assert data["finding_counts"]["warning"] >= 1
     text = render_findings(findings, "table", model_id="gpt2")
     assert text.startswith("Readiness of gpt2") and "fix:" in text
     assert json.loads(render_findings(findings, "json"))["counts"] == data["finding_counts"]
@@ -159,11 +161,10 @@ def test_report_check_helpers_on_a_catalog_model() -> None:
 
 
 def test_renderers_only_read(capsys: pytest.CaptureFixture[str]) -> None:
-    from peftaudit.recommend.cli import load_model
     from peftaudit.recommend.recommendation import recommend
-    from peftaudit.sources.base import SourceOptions
+    from peftaudit.sources import load
 
-    loaded = load_model("gpt2", SourceOptions())
+    loaded = load("gpt2")
     rec = recommend(loaded.inventory, loaded.facts)
     assert render_recommendation(rec) == render_recommendation(rec)
     assert json.loads(render_recommendation(rec, "json")) == rec.to_dict()

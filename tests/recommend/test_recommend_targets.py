@@ -21,7 +21,6 @@ from peftaudit.recommend.targets import (
     TargetSpec,
     count_adapters,
     names_for,
-    output_head,
     resolve_preset,
 )
 
@@ -146,11 +145,11 @@ def test_classification_head_is_saved_not_adapted() -> None:
     assert count.saved_params == 64 * 3 + 3
 
 
-def test_output_head_is_found_by_role_not_by_width() -> None:
-    # bert_cls has intermediate_size == vocab_size: no module maps to the vocabulary by role.
-    assert output_head(take_inventory(rt.build("bert_cls"))) is None
-    assert output_head(take_inventory(rt.build("bert"))) == "cls.predictions.decoder"
-    assert output_head(take_inventory(rt.build("gpt2"))) == "lm_head"
+def test_output_head_is_the_output_embedding_not_a_width() -> None:
+    # bert_cls has intermediate_size == vocab_size: its MLP maps to "the vocabulary", yet it has no output head.
+    assert take_inventory(rt.build("bert_cls")).output_head is None
+    assert take_inventory(rt.build("bert")).output_head == "cls.predictions.decoder"
+    assert take_inventory(rt.build("gpt2")).output_head == "lm_head"
 
 
 def test_unknown_preset_is_a_one_line_error() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from train import build_model, train
 
-from peftaudit.verify import PeftAuditCallback
+from peftaudit.verification import PeftAuditCallback
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ Two ways to get a number, both for one GPU:
 * :func:`trace_image_training` is the oracle. It builds the UNet on the meta
   device and runs a real training step of diffusers' own code (LoRA via peft on
   :func:`~peftaudit_diffusers.lora_targets`, or full fine-tuning) on fake tensors
-  with peftaudit's trace (:func:`peftaudit.memory.trace.run_trace`): latents
+  with peftaudit's trace (:func:`peftaudit.plugin_api.run_trace`): latents
   ``(batch, 4, res/8, res/8)``, timesteps, text embeddings ``(batch, 77,
   cross_attention_dim)`` (SDXL: plus ``added_cond_kwargs``), an MSE loss,
   backward and an AdamW step. It takes a few seconds on a CPU.
@@ -29,9 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from peftaudit.errors import PeftauditError
-from peftaudit.inventory import Inventory
-from peftaudit.memory.plan import PlanError, TrainingPlan
+from peftaudit.plugin_api import Inventory, PeftauditError, PlanError, TrainingPlan
 from peftaudit_diffusers.kinds import UNET
 from peftaudit_diffusers.targets import lora_targets
 
@@ -151,7 +149,7 @@ def image_plan(
 
 def _build(spec: str) -> Any:
     """The UNet ``spec`` on the meta device (a diffusers ``UNet2DConditionModel``)."""
-    from peftaudit.sources.base import SourceOptions
+    from peftaudit.plugin_api import SourceOptions
     from peftaudit_diffusers.source import PREFIX, DiffusersSource
 
     source = DiffusersSource()
@@ -190,7 +188,7 @@ def trace_image_training(
     import torch
     import torch.nn.functional as F
 
-    from peftaudit.memory.trace import run_trace
+    from peftaudit.plugin_api import run_trace
 
     _check_resolution(resolution)
     plan = plan or image_plan(method, batch_size, gradient_checkpointing=gradient_checkpointing)
@@ -238,7 +236,7 @@ def calibrate(spec: str, *, points: tuple[tuple[int, int], ...] = CALIBRATION_PO
     """Fit the activation coefficients of UNet ``spec`` to the trace (LoRA, with and without checkpointing)."""
     if len(points) != 2 or latent_pixels(points[0][0]) == latent_pixels(points[1][0]):
         raise ValueError("calibrate takes two points of different resolutions")
-    from peftaudit.inventory import take_inventory
+    from peftaudit.plugin_api import take_inventory
 
     inventory = take_inventory(_build(spec))
     coeffs: list[float] = []
@@ -273,30 +271,28 @@ class _Static:
 
 def _static(inventory: Inventory, plan: TrainingPlan) -> _Static:
     """Weights, adapters, gradients and optimizer states by the core estimator's rules."""
-    from peftaudit.memory.dtypes import nbytes, short
-    from peftaudit.memory.optimizers import TrainableTensor, optimizer_memory
-    from peftaudit.plugins import memory_methods
+    from peftaudit.plugin_api import TrainableTensor, dtype_bytes, memory_methods, optimizer_memory, short_dtype
 
     adaptation = memory_methods()[plan.method].adapt(inventory, plan)
     dense = plan.weight_dtype
     base = trainable = params = 0
     tensors: list[TrainableTensor] = []
     for p in inventory.parameters:
-        size = p.numel * nbytes(dense)
+        size = p.numel * dtype_bytes(dense)
         if p.name in adaptation.trainable:
             trainable += size
             params += p.numel
             tensors.append(TrainableTensor(p.shape, dense))
         else:
             base += size
-    base += sum(b.numel * nbytes(short(b.dtype)) for b in inventory.buffers)
+    base += sum(b.numel * dtype_bytes(short_dtype(b.dtype)) for b in inventory.buffers)
     adapter = dense if plan.adapter_dtype == "auto" else plan.adapter_dtype
     for a in adaptation.adapters:
-        trainable += a.params * nbytes(adapter)
+        trainable += a.params * dtype_bytes(adapter)
         params += a.params
         tensors.append(TrainableTensor((a.rank, a.in_features), adapter))
         tensors.append(TrainableTensor((a.out_features, a.rank), adapter))
-    grads = sum(t.numel * nbytes(t.dtype) for t in tensors)
+    grads = sum(t.numel * dtype_bytes(t.dtype) for t in tensors)
     opt = optimizer_memory(plan.optimizer, plan.optimizer_impl, tensors)
     return _Static(base, trainable, grads, opt.states, opt.step_temporaries, params)
 
@@ -341,7 +337,7 @@ def estimate_image_training(
     if plan.method not in METHODS:
         raise PlanError(f"image training memory covers methods {', '.join(METHODS)}, not '{plan.method}'")
     if isinstance(inventory_or_spec, str):
-        from peftaudit.inventory import take_inventory
+        from peftaudit.plugin_api import take_inventory
 
         inventory = take_inventory(_build(inventory_or_spec))
     else:

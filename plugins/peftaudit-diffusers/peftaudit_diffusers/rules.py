@@ -10,7 +10,7 @@ blocks are ``ff.net.0.proj`` (up, or fused gate+up for the UNet's GEGLU) and
 
 from __future__ import annotations
 
-from peftaudit.architecture import ArchitectureRule, ModuleRole
+from peftaudit.plugin_api import ArchitectureRule, ModuleRole
 from peftaudit_diffusers.kinds import FLUX, SD3, UNET
 
 ALL = (UNET, SD3, FLUX)

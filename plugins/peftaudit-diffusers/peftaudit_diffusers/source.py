@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftaudit.errors import ConfigError, SourceNotFound
-from peftaudit.sources.base import ResolvedModel, SourceOptions
-from peftaudit.sources.build import read_config_file
+from peftaudit.plugin_api import ConfigError, ResolvedModel, SourceNotFound, SourceOptions, read_config_file
 from peftaudit_diffusers import bundled
 from peftaudit_diffusers.kinds import MODEL_TYPES
 

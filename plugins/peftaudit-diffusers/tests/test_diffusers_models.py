@@ -11,11 +11,8 @@ import pytest
 from peftaudit_diffusers import MODEL_TYPES, DiffusersSource, lora_targets
 from peftaudit_diffusers.bundled import entry, names
 
-from peftaudit import audit
-from peftaudit.architecture import ModuleRole
-from peftaudit.inventory import Inventory, take_inventory
-from peftaudit.report import Report
-from peftaudit.sources.base import SourceOptions
+from peftaudit import Inventory, Report, audit
+from peftaudit.plugin_api import ModuleRole, SourceOptions, take_inventory
 
 # Every test here sees the plugin's rules as a user's install would (autoload may be off).
 pytestmark = pytest.mark.usefixtures("diffusers_plugin")

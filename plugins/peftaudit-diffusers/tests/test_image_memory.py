@@ -15,8 +15,7 @@ from peftaudit_diffusers.memory import (
     trace_image_training,
 )
 
-from peftaudit.inventory import take_inventory
-from peftaudit.memory.plan import PlanError
+from peftaudit.plugin_api import PlanError, take_inventory
 
 pytestmark = pytest.mark.usefixtures("diffusers_plugin")
 

@@ -16,9 +16,14 @@ from __future__ import annotations  # lets the type hints below name classes wit
 
 from collections.abc import Callable  # the type of the `register` argument every hook receives
 
-import peftaudit  # gives `peftaudit.hookimpl`, the decorator that marks a function as a hook implementation
-from peftaudit.architecture import ArchitectureRule, ModuleRole  # a rule = regex over module path -> role
-from peftaudit.gpus.catalog import GIB, GPU  # one accelerator, each figure with its source
+# A plugin imports from peftaudit.plugin_api only: everything a hook receives or registers is there.
+from peftaudit.plugin_api import (
+    GIB,  # 1024**3 bytes
+    GPU,  # one accelerator, each figure with its source
+    ArchitectureRule,  # a rule = regex over module path -> role
+    ModuleRole,  # attention q/k/v/o, MLP gate/up/down, output head, ...
+    hookimpl,  # the decorator that marks a function as a hook implementation
+)
 
 #: The ``model_type`` your model's config.json declares. Rules limited to it never
 #: touch other models, and win over peftaudit's generic rules for this model.
@@ -69,13 +74,13 @@ def rtx_a6000() -> GPU:
     )
 
 
-@peftaudit.hookimpl  # the function's name must be a hook declared in peftaudit.hookspecs
+@hookimpl  # the function's name must be a hook declared in peftaudit.hookspecs
 def peftaudit_register_architecture_rules(register: Callable[[ArchitectureRule], None]) -> None:
     for rule in rules():  # call `register` once per item
         register(rule)
 
 
-@peftaudit.hookimpl
+@hookimpl
 def peftaudit_register_gpus(register: Callable[[GPU], None]) -> None:
     # A GPU with a bundled GPU's name replaces it; the user's GPU file still overrides ours.
     register(rtx_a6000())

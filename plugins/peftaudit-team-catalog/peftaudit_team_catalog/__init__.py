@@ -13,10 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import peftaudit
-from peftaudit.errors import ConfigError, SourceNotFound
-from peftaudit.sources.base import ModelSource, ResolvedModel, SourceOptions
-from peftaudit.sources.build import build_from_config, read_config_file, validate_sizes
+from peftaudit.plugin_api import (
+    ConfigError,
+    ModelSource,
+    ResolvedModel,
+    SourceNotFound,
+    SourceOptions,
+    build_from_config,
+    hookimpl,
+    read_config_file,
+    validate_sizes,
+)
 
 PREFIX = "team:"
 ENV = "PEFTAUDIT_TEAM_CATALOG"
@@ -74,6 +81,6 @@ class TeamCatalogSource:
         return build_from_config(resolved.config, model_id=resolved.id)
 
 
-@peftaudit.hookimpl
+@hookimpl
 def peftaudit_register_sources(register: Callable[[ModelSource], None]) -> None:
     register(TeamCatalogSource())

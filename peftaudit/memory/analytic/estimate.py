@@ -1,0 +1,329 @@
+"""The analytic estimate: peak memory per GPU for one model under one training plan.
+
+:func:`estimate` is pure: an :class:`~peftaudit.inventory.Inventory` and a
+:class:`~peftaudit.memory.plan.TrainingPlan` in, a frozen
+:class:`MemoryEstimate` out. Its parts:
+
+* static memory from the inventory and the method's adaptation (weights at
+  their storage dtype, quantization constants, trainable weights, gradients,
+  optimizer states, master weights), divided across GPUs as the sharding says
+  (:mod:`~peftaudit.memory.analytic.static`, :mod:`~peftaudit.memory.analytic.sharding`);
+* the activation side: the layer program registered for the model's type
+  (:mod:`~peftaudit.memory.analytic.programs`) replayed on tapes for one step
+  (:mod:`~peftaudit.memory.analytic.step`), which gives the peak of the forward
+  and backward passes and what is alive at that moment;
+* the optimizer step (gradients, states and the step's scratch);
+* the CUDA context and the caching allocator's slack, as explicit components.
+
+The step is recorded once per (model, plan shape) and cached; another batch
+size or sequence length only re-evaluates the recording, which takes tens of
+microseconds.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
+from typing import Any
+
+from peftaudit.inventory import Inventory
+from peftaudit.memory.analytic import programs, sharding
+from peftaudit.memory.analytic.layout import ModelLayout, SyntheticLayout, layer_indices, main_block
+from peftaudit.memory.analytic.ops import Context
+from peftaudit.memory.analytic.programs import LayerProgram, NoLayerProgram
+from peftaudit.memory.analytic.shape import ModelShape, shape_of
+from peftaudit.memory.analytic.static import Static, static_memory
+from peftaudit.memory.analytic.step import StepProfile, record_step, walk
+from peftaudit.memory.analytic.tape import CATEGORIES
+from peftaudit.memory.methods import Adaptation
+from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
+from peftaudit.memory.quantized import base_storage, resolve
+from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStorage, MemoryEstimate
+
+_PROFILES: dict[int, tuple[weakref.ref[Inventory], dict[tuple[Any, ...], Any]]] = {}
+
+
+_NOT_IN_PROFILE = {
+    "batch_size",
+    "seq_len",
+    "gpus",
+    "gpus_per_node",
+    "sharding",
+    "offload",
+    "cuda_context_bytes",
+    "allocator_fraction",
+    "optimizer_impl",
+}
+_PROFILE_FIELDS = tuple(f.name for f in dataclass_fields(TrainingPlan) if f.name not in _NOT_IN_PROFILE)
+
+
+def _profile_key(plan: TrainingPlan) -> tuple[Any, ...]:
+    """Plan fields that change the recorded step (batch, sequence and scale-out do not)."""
+    return tuple(getattr(plan, name) for name in _PROFILE_FIELDS)
+
+
+def _cached(inventory: Inventory, key: tuple[Any, ...]) -> dict[tuple[Any, ...], Any]:
+    entry = _PROFILES.get(id(inventory))
+    if entry is None or entry[0]() is not inventory:
+        store: dict[tuple[Any, ...], Any] = {}
+        key_id = id(inventory)
+        profiles = _PROFILES  # the closure keeps the dict, which may outlive module globals at exit
+        ref = weakref.ref(inventory, lambda _r: profiles.pop(key_id, None))
+        _PROFILES[key_id] = (ref, store)
+        return store
+    return entry[1]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What one (model, plan shape) records once: the adaptation, layout, static memory and step."""
+
+    adaptation: Adaptation
+    layout: ModelLayout
+    static: Static
+    profile: StepProfile
+    warnings: list[PlanWarning]
+    total_params: int
+    base_storage: BaseStorage | None
+
+
+def _prepare(inventory: Inventory, plan: TrainingPlan) -> _Prepared:
+    from peftaudit.plugins import memory_methods
+
+    key = _profile_key(plan)
+    store = _cached(inventory, key)
+    hit = store.get(key)
+    if hit is not None:
+        return hit
+    method = memory_methods()[plan.method]
+    own = method.adapt(inventory, plan)
+    # A checkpoint's own quantization_config decides how frozen weights are stored (--base-dtype wins).
+    resolved = resolve(inventory, plan, own)
+    adaptation = resolved.adaptation
+    block = main_block(inventory)
+    program, warnings = programs.program_for(inventory)
+    shape = shape_of(inventory, program)
+    warnings = warnings + list(resolved.warnings)
+    layout = ModelLayout(inventory, plan, adaptation, shape, block, checkpoint=resolved.checkpoint)
+    static = static_memory(inventory, plan, adaptation, layout)
+    adapter_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else plan.adapter_dtype
+
+    def make_ctx() -> Context:
+        return Context(
+            compute=plan.compute_dtype,
+            autocast=plan.autocast,
+            adapter_dtype=adapter_dtype,
+            dropout=plan.dropout,
+            training=plan.training,
+        )
+
+    ids = layer_indices(inventory, block)
+
+    def record(program: LayerProgram, layout: ModelLayout, shape: ModelShape) -> StepProfile:
+        signature = _layer_signatures(layout, ids)
+        return record_step(
+            program,
+            shape,
+            layout,
+            make_ctx,
+            layer_ids=ids,
+            layer_key=signature.__getitem__,
+            attention=plan.attention,
+            checkpointing=plan.gradient_checkpointing and plan.training,
+            input_grad=adaptation.virtual_tokens > 0,
+            loss=plan.loss,
+            virtual=adaptation.virtual_tokens,
+            accumulate=plan.gradient_accumulation > 1,
+            training=plan.training,
+        )
+
+    try:
+        profile = record(program, layout, shape)
+    except NoLayerProgram:
+        # A layout the program does not read (fused qkv_proj, encoder-decoder, other expert layouts):
+        # replay a Llama-shaped layer of the same size instead, and say so.
+        generic = replace(shape, experts=0, qk_norm=False)
+        synthetic = SyntheticLayout(inventory, plan, adaptation, generic, block, checkpoint=resolved.checkpoint)
+        profile = record(programs.STAND_IN, synthetic, generic)
+        if not any(w.code == "approximate-activations" for w in warnings):
+            warnings.append(
+                PlanWarning(
+                    "approximate-activations",
+                    f"no layer program reads this {inventory.architecture}'s layers: activations use a "
+                    "Llama-shaped layer of the same size",
+                )
+            )
+    warnings = warnings + _warnings(inventory, plan, adaptation)
+    storage = base_storage(
+        resolved,
+        plan,
+        own.quantization,
+        total_params=inventory.total,
+        quantized_params=static.quantized_params,
+        packed_bytes=static.packed_bytes,
+        constant_bytes=static.quantization_constants,
+        dequantized_trained=static.dequantized_trained,
+        dense_dtype=layout._dense_dtype(False),
+    )
+    result = _Prepared(adaptation, layout, static, profile, warnings, inventory.total, storage)
+    store[key] = result
+    return result
+
+
+def _layer_signatures(layout: ModelLayout, ids: list[int]) -> dict[int, Any]:
+    """What makes layers differ for the programs (adapter paths name the layer; shapes do not)."""
+    roles = sorted({role for (layer, role) in layout._roles if layer is not None})
+    sig: dict[int, Any] = {}
+    for i in ids:
+        specs = tuple(_spec_key(layout.linear(i, r)) for r in (*roles, "router"))
+        weights = tuple(
+            layout.weight(i, r) for r in ("input_norm", "post_norm", "ln_1", "ln_2", "attention_norm", "output_norm")
+        )
+        experts: tuple[Any, ...] = ()
+        if layout.shape.experts:
+            experts = tuple(layout.expert_weight(i, n) for n in ("gate_up_proj", "down_proj"))
+        sig[i] = (specs, weights, experts)
+    return sig
+
+
+def _spec_key(spec: Any) -> Any:
+    if spec is None or spec.adapter is None:
+        return spec
+    a = spec.adapter
+    return (replace(spec, adapter=None), a.kind, a.rank, a.in_features, a.out_features, a.num_experts, a.feedforward)
+
+
+def _plan_warnings(inventory: Inventory, plan: TrainingPlan) -> list[PlanWarning]:
+    """Warnings that depend on the fields not cached with the recorded step (scale-out, sequence)."""
+    out: list[PlanWarning] = []
+    context = inventory.dims.max_position_embeddings
+    if context and plan.seq_len > context:
+        out.append(
+            PlanWarning(
+                "seq-len-exceeds-max-positions",
+                f"seq-len {plan.seq_len:,} is above this model's max_position_embeddings ({context:,}): positions "
+                "past it were never trained (learned position embeddings fail outright); extend the context "
+                "(RoPE scaling) or shorten the sequences",
+            )
+        )
+    if plan.sharding == "zero3" and plan.gpus == 1 and plan.offload == "none":
+        out.append(
+            PlanWarning(
+                "zero3-single-gpu", "ZeRO-3 on one GPU with nothing offloaded saves no memory; it only adds gathers"
+            )
+        )
+    return out
+
+
+def _warnings(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation) -> list[PlanWarning]:
+    """Warnings about the model under the method (cached with the recorded step)."""
+    out: list[PlanWarning] = []
+    if adaptation.quantization in ("nf4", "fp4", "int8") and any(
+        p.kind == "experts" and len(p.shape) == 3 for p in inventory.parameters
+    ):
+        out.append(
+            PlanWarning(
+                "experts-not-quantized",
+                "bitsandbytes quantizes nn.Linear layers only; this model's fused expert weights stay 16-bit",
+            )
+        )
+    if plan.gradient_checkpointing and not plan.training:
+        out.append(
+            PlanWarning("checkpointing-without-training", "gradient checkpointing has no effect without training")
+        )
+    out += _rank_warnings(adaptation)
+    if adaptation.quantization is not None and plan.precision in ("fp32", "bf16-mixed", "fp16-mixed"):
+        out.append(
+            PlanWarning(
+                "quantized-with-fp32",
+                f"a {adaptation.quantization} base with {plan.precision} precision keeps unquantized weights in fp32",
+            )
+        )
+    return out
+
+
+def _rank_warnings(adaptation: Adaptation) -> list[PlanWarning]:
+    """LoRA ranks above a layer's smaller dimension: B @ A cannot have a higher rank than that."""
+    over = [a for a in adaptation.adapters if a.kind != "ia3" and a.rank > min(a.in_features, a.out_features) > 0]
+    if not over:
+        return []
+    worst = min(over, key=lambda a: min(a.in_features, a.out_features))
+    name = f"{worst.path}.{worst.parameter}" if worst.parameter else worst.path
+    ranks = sorted({a.rank for a in over})
+    return [
+        PlanWarning(
+            "rank-exceeds-layer-dim",
+            f"rank {', '.join(map(str, ranks))} is above the smaller dimension of {len(over)} adapted layer(s), "
+            f"e.g. {name} ({worst.in_features} -> {worst.out_features}): their update cannot exceed rank "
+            f"{min(worst.in_features, worst.out_features)}, so the extra rank only adds parameters and memory",
+        )
+    ]
+
+
+def estimate(inventory: Inventory, plan: TrainingPlan | None = None) -> MemoryEstimate:
+    """Estimate the peak GPU memory of one training step of ``inventory`` under ``plan``."""
+    plan = plan or TrainingPlan()
+    plan.validate()
+    prepared = _prepare(inventory, plan)
+    adaptation, layout, static, profile = prepared.adaptation, prepared.layout, prepared.static, prepared.profile
+    warnings, total_params = prepared.warnings, prepared.total_params
+    virtual = adaptation.virtual_tokens
+    seq = plan.seq_len + virtual
+    tokens = float(plan.batch_size * seq)
+    tokens_seq = tokens * seq
+    result = walk(profile, tokens, tokens_seq, backward=plan.training)
+    shard = sharding.per_gpu(plan, static, layout)
+    cat = {name: i for i, name in enumerate(CATEGORIES)}
+
+    # Static part alive in the forward/backward passes.
+    grads_during = shard.gradients if plan.gradient_accumulation > 1 else 0
+    base_static = {
+        "base_weights": shard.base_weights,
+        "quantization_constants": shard.quantization_constants,
+        "trainable_weights": shard.trainable_weights,
+        "optimizer_states": shard.optimizer_states,
+        "master_weights": shard.master_weights,
+        "gradients": grads_during + shard.persistent_grad_buffers,
+        "weight_copies": shard.gathered_weights,
+    }
+    candidates: dict[str, dict[str, float]] = {}
+    for phase, (_, parts) in result.phases.items():
+        comp = {k: float(v) for k, v in base_static.items()}
+        for name in ("activations", "logits_and_loss", "weight_copies", "temporaries"):
+            comp[name] = comp.get(name, 0.0) + parts[cat[name]]
+        grads = parts[cat["gradients"]] * shard.gradient_fraction
+        if plan.gradient_accumulation > 1:
+            grads = 0.0  # already counted in full above; backward only adds in place
+        comp["gradients"] += grads
+        candidates[phase] = comp
+    if plan.training:
+        step = {k: float(v) for k, v in base_static.items()}
+        step["gradients"] = float(shard.gradients + shard.persistent_grad_buffers)
+        step["temporaries"] = float(shard.optimizer_step_scratch)
+        step["weight_copies"] = 0.0
+        candidates["optimizer step"] = step
+    phase_peaks = {phase: int(sum(c.values())) for phase, c in candidates.items()}
+    peak_phase = max(candidates, key=lambda p: (sum(candidates[p].values()), -PHASES.index(p)))
+    comp = candidates[peak_phase]
+    allocated = sum(comp.values())
+    components = {name: round(comp.get(name, 0.0)) for name in COMPONENTS}
+    components["cuda_context"] = int(plan.cuda_context_bytes)
+    components["allocator_margin"] = round(allocated * plan.allocator_fraction)
+    total = sum(components.values())
+    return MemoryEstimate(
+        method=plan.method,
+        total_bytes=total,
+        components=components,
+        peak_phase=peak_phase,
+        activations_per_layer=tuple(round(v) for v in result.per_layer),
+        phase_peaks=phase_peaks,
+        trainable_params=static.trainable_params,
+        total_params=total_params,
+        plan=plan.to_dict(),
+        warnings=tuple(warnings) + tuple(_plan_warnings(inventory, plan)) + tuple(shard.warnings),
+        base_storage=prepared.base_storage,
+    )
+
+
+__all__ = ["COMPONENTS", "COMPONENT_HELP", "PHASES", "MemoryEstimate", "PlanError", "estimate", "static_memory"]

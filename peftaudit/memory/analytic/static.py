@@ -1,0 +1,159 @@
+"""Static memory: weights at their storage dtype, trainable weights, gradients, optimizer states.
+
+Per model replica, before sharding (:mod:`peftaudit.memory.analytic.sharding`
+divides it across GPUs): frozen weights packed where quantized (bitsandbytes'
+defaults for plan-driven quantization, or what a checkpoint's own
+``quantization_config`` converts), adapters and trained weights, their
+gradients, and the optimizer's states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftaudit.inventory import Inventory, ParameterRecord
+from peftaudit.memory.analytic.layout import ModelLayout
+from peftaudit.memory.dtypes import fp8_bytes, int8_bytes, nbytes, nf4_bytes, short
+from peftaudit.memory.methods import Adaptation
+from peftaudit.memory.optimizers import TrainableTensor, optimizer_memory
+from peftaudit.memory.plan import TrainingPlan
+
+
+@dataclass(frozen=True)
+class Static:
+    base_weights: int
+    quantization_constants: int
+    trainable_weights: int
+    gradients: int
+    optimizer_states: int
+    optimizer_step_scratch: int
+    master_weights: int
+    optimizer_states_fp32: int
+    """States when the optimizer steps fp32 master copies (DeepSpeed ZeRO with half weights)."""
+    trainable_params: int
+    paged_optimizer: bool
+    largest_layer_params: int
+    """Bytes of the largest layer's weights (ZeRO-3/FSDP gather one or two of these)."""
+    quantized_params: int = 0
+    """Frozen parameters stored quantized (logical count)."""
+    packed_bytes: int = 0
+    """Their packed storage (constants apart)."""
+    dequantized_trained: int = 0
+    """Parameters a pre-quantized checkpoint stores packed that train here, so are dense."""
+
+
+def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, layout: ModelLayout) -> Static:
+    """Weights, gradients and optimizer states, per model replica (before sharding)."""
+    # Modules stored quantized: bitsandbytes' defaults for plan-driven quantization (QLoRA), or
+    # what the checkpoint's own quantization_config converts (layout._formats, one format each).
+    quantizable = layout._quantizable
+    formats = layout._formats
+    experts = layout.checkpoint.expert_formats(inventory) if layout.checkpoint is not None else {}
+    quant = adaptation.quantization
+    base = consts = trainable_bytes = 0
+    quantized_params = packed = dequantized = 0
+    tensors: list[TrainableTensor] = []
+    trainable_params = 0
+    per_layer: dict[int, int] = {}
+    for p in inventory.parameters:
+        trains = p.name in adaptation.trainable or _in_saved(p, adaptation)
+        dtype = layout._dense_dtype(trains)
+        stored_packed = (p.module in formats and not p.is_bias) or p.name in experts
+        if trains:
+            size = p.numel * nbytes(dtype)
+            trainable_bytes += size
+            tensors.append(TrainableTensor(p.shape, dtype))
+            trainable_params += p.numel
+            dequantized += p.numel if stored_packed else 0
+            if _in_saved(p, adaptation) and p.name not in adaptation.trainable:
+                base += size  # the frozen original stays next to the trained copy
+        elif quant is not None and p.module in quantizable and not p.is_bias and len(p.shape) == 2:
+            size, c = _quantized(quant, p, plan, layout)
+            base += size
+            consts += c
+            quantized_params += p.numel
+            packed += size
+        elif p.name in experts:
+            count, rows, cols = p.shape  # fused (experts, out, in), each expert scaled on its own
+            size, c = (count * v for v in experts[p.name].storage(rows, cols))
+            base += size
+            consts += c
+            quantized_params += p.numel
+            packed += size
+        else:
+            size = p.numel * nbytes(dtype)
+            base += size
+        if p.layer is not None:
+            per_layer[p.layer] = per_layer.get(p.layer, 0) + size
+    base += sum(b.numel * nbytes(short(b.dtype)) for b in inventory.buffers)
+    adapter_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else plan.adapter_dtype
+    for a in adaptation.adapters:
+        n = a.params
+        trainable_bytes += n * nbytes(adapter_dtype)
+        trainable_params += n
+        if a.kind == "ia3":
+            tensors.append(TrainableTensor((n,), adapter_dtype))
+        else:
+            tensors.append(TrainableTensor((a.rank * a.num_experts, a.in_features), adapter_dtype))
+            tensors.append(TrainableTensor((a.out_features, a.rank * a.num_experts), adapter_dtype))
+    if adaptation.prompt_params:
+        dtype = layout._dense_dtype(True)
+        trainable_bytes += adaptation.prompt_params * nbytes(dtype)
+        trainable_params += adaptation.prompt_params
+        tensors.append(TrainableTensor((adaptation.prompt_params,), dtype))
+    if not plan.training:
+        return Static(
+            base,
+            consts,
+            trainable_bytes,
+            0,
+            0,
+            0,
+            0,
+            0,
+            trainable_params,
+            False,
+            max(per_layer.values(), default=0),
+            quantized_params,
+            packed,
+            dequantized,
+        )
+    grads = sum(t.numel * nbytes(t.dtype) for t in tensors)
+    opt = optimizer_memory(plan.optimizer, plan.optimizer_impl, tensors)
+    # DeepSpeed's mixed-precision optimizer steps fp32 master weights, so there its states are fp32.
+    opt32 = optimizer_memory(plan.optimizer, plan.optimizer_impl, [TrainableTensor(t.shape, "fp32") for t in tensors])
+    return Static(
+        base_weights=base,
+        quantization_constants=consts,
+        trainable_weights=trainable_bytes,
+        gradients=grads,
+        optimizer_states=opt.states,
+        optimizer_step_scratch=opt.step_temporaries,
+        master_weights=0,
+        optimizer_states_fp32=opt32.states,
+        trainable_params=trainable_params,
+        paged_optimizer=opt.paged,
+        largest_layer_params=max(per_layer.values(), default=0),
+        quantized_params=quantized_params,
+        packed_bytes=packed,
+        dequantized_trained=dequantized,
+    )
+
+
+def _in_saved(p: ParameterRecord, adaptation: Adaptation) -> bool:
+    return any(p.module == s.path or p.module.startswith(s.path + ".") for s in adaptation.saved)
+
+
+def _quantized(quant: str, p: ParameterRecord, plan: TrainingPlan, layout: ModelLayout) -> tuple[int, int]:
+    """(packed bytes, constant bytes) of a frozen linear weight: the checkpoint's format, or the plan's."""
+    fmt = layout._formats.get(p.module)
+    if fmt is not None:
+        # The module's features, not p.shape: a live bitsandbytes weight has a packed shape.
+        m = layout._modules.get(p.module)
+        out_f, in_f = (m.out_features, m.in_features) if m is not None else (None, None)
+        return fmt.storage(out_f or p.shape[0], in_f or p.shape[1])
+    if quant in ("nf4", "fp4"):
+        return nf4_bytes(p.numel, double_quant=plan.double_quant)
+    if quant == "int8":
+        return int8_bytes(p.numel, p.shape[0])
+    return fp8_bytes(p.shape[0], p.shape[1])

@@ -1,0 +1,204 @@
+"""Building the model to trace: precision, quantization and the method, on the meta device; then fake storages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftaudit.memory.plan import PlanError, TrainingPlan
+from peftaudit.memory.quantized import resolve
+from peftaudit.memory.tracing.autocast import emulate_autocast_in_recompute
+from peftaudit.memory.tracing.quantized import quantize_linears
+from peftaudit.units import SHORT_DTYPES
+
+
+def unique_params(model: Any) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for p in model.parameters():
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def prepare_model(
+    model: Any, plan: TrainingPlan
+) -> tuple[Any, dict[str, dict[str, tuple[tuple[int, ...], str]]], list[str]]:
+    """Apply precision, quantization and the method, all on the meta device."""
+    import torch
+
+    from peftaudit.inventory import take_inventory
+    from peftaudit.plugins import memory_methods
+
+    notes: list[str] = []
+    inventory = take_inventory(model)
+    # The same storage decision as the analytic estimate: a checkpoint's quantization_config wins.
+    resolved = resolve(inventory, plan, memory_methods()[plan.method].adapt(inventory, plan))
+    adaptation = resolved.adaptation
+    dtype = getattr(torch, SHORT_DTYPES[plan.weight_dtype])
+    model.to(dtype)
+    impl = "sdpa" if plan.attention in ("sdpa", "flash") else "eager"
+    model.config._attn_implementation = impl
+    for sub in model.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None:
+            cfg._attn_implementation = impl
+            if (
+                getattr(cfg, "_experts_implementation", None) is not None
+                or hasattr(cfg, "num_local_experts")
+                or hasattr(cfg, "num_experts")
+            ):
+                cfg._experts_implementation = "grouped_mm"
+    extras: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    if adaptation.quantization is not None:
+        formats = resolved.checkpoint.formats(inventory) if resolved.checkpoint is not None else {}
+        if resolved.checkpoint is not None:
+            skip = {m.path for m in inventory.modules if m.is_linear} - set(formats)
+            if resolved.checkpoint.expert_formats(inventory):
+                notes.append(
+                    "fused expert weights stay 16-bit in the trace; the checkpoint stores them "
+                    f"{resolved.checkpoint.label} (the analytic estimate counts that)"
+                )
+        else:
+            head = inventory.output_head
+            tied = {p.module for p in inventory.parameters if p.tied_with} | {
+                n.rpartition(".")[0] for p in inventory.parameters for n in p.tied_with
+            }
+            skip = {head or ""} | tied
+        extras = quantize_linears(model, plan, adaptation.quantization, skip, formats)
+        # What transformers sets on a bitsandbytes-quantized model; peft dispatches on it.
+        model.is_loaded_in_4bit = adaptation.quantization in ("nf4", "fp4", "fp8", "int")
+        model.is_loaded_in_8bit = adaptation.quantization == "int8"
+        if plan.kbit_upcast:
+            # prepare_model_for_kbit_training: every non-quantized floating parameter to fp32.
+            for name, p in model.named_parameters():
+                if p.dtype in (torch.float16, torch.bfloat16) and not any(name.startswith(k + ".") for k in extras):
+                    p.data = p.data.to(torch.float32)
+    if plan.base_dtype in ("fp32", "bf16", "fp16"):
+        base = getattr(torch, SHORT_DTYPES[plan.base_dtype])
+        for name, p in model.named_parameters():
+            if name not in adaptation.trainable:
+                p.data = p.data.to(base)
+    if plan.gradient_checkpointing and plan.training:
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:  # diffusers models (non-reentrant by default)
+            model.enable_gradient_checkpointing()
+        emulate_autocast_in_recompute(model)
+    model = _apply_method(model, plan, adaptation)
+    return model, extras, notes
+
+
+def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
+    if plan.method in ("full", "freeze"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in adaptation.trainable)
+        return model
+    import peft
+
+    autocast_adapter = plan.adapter_dtype != "auto"
+    causal = hasattr(model, "prepare_inputs_for_generation")
+    if plan.method == "ia3":
+        ia3_targets = None if plan.targets in ("default", "all-linear") else list(plan.targets)
+        config: Any = peft.IA3Config(
+            target_modules=ia3_targets,
+            feedforward_modules=[] if ia3_targets else None,
+            task_type="CAUSAL_LM" if causal else None,
+        )
+    elif plan.method == "prompt-tuning":
+        if not causal:
+            raise PlanError("the trace runs prompt tuning on causal language models only")
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.num_virtual_tokens)
+    else:
+        targets: Any = plan.targets
+        if targets == "default":
+            targets = None
+        elif isinstance(targets, tuple):
+            targets = list(targets)
+        lora_kwargs: dict[str, Any] = {"lora_alpha": plan.lora_alpha, "bias": plan.lora_bias}
+        config = peft.LoraConfig(
+            r=plan.rank,
+            lora_dropout=plan.dropout,
+            target_modules=targets,
+            exclude_modules=list(plan.exclude) or None,
+            target_parameters=list(plan.target_parameters) or None,
+            modules_to_save=list(plan.modules_to_save) or None,
+            rank_pattern=dict(plan.rank_pattern),
+            use_dora=plan.method == "dora",
+            **lora_kwargs,
+        )
+    model = peft.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter)
+    if plan.adapter_dtype in ("bf16", "fp16"):
+        import torch
+
+        target = getattr(torch, SHORT_DTYPES[plan.adapter_dtype])
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(target)
+    return model
+
+
+def materialize(model: Any, mode: Any, extras: dict[str, dict[str, tuple[tuple[int, ...], str]]]) -> dict[int, str]:
+    """Give every parameter and buffer a fake storage; returns storage id -> category."""
+    import torch
+
+    categories: dict[int, str] = {}
+    memo: dict[int, Any] = {}
+    del extras
+    with mode:
+        for module in model.modules():
+            shapes = getattr(module, "_peftaudit_shapes", None)
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in memo:
+                    if shapes is not None and name == "weight":
+                        shape, dt = shapes["weight"]
+                        fake = torch.empty(shape, dtype=getattr(torch, dt))
+                    else:
+                        fake = torch.empty(p.shape, dtype=p.dtype)
+                    new = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                    memo[id(p)] = new
+                    cat = "trainable_weights" if p.requires_grad else "base_weights"
+                    categories[id(new.untyped_storage())] = cat
+                module._parameters[name] = memo[id(p)]
+            for name, b in list(module._buffers.items()):
+                if b is None:
+                    continue
+                fb = torch.empty(b.shape, dtype=b.dtype)
+                module._buffers[name] = fb
+                categories[id(fb.untyped_storage())] = "base_weights"
+            if shapes is not None:
+                for extra, (shape, dt) in shapes.items():
+                    if extra == "weight":
+                        continue
+                    t = torch.empty(shape, dtype=getattr(torch, dt))
+                    object.__setattr__(module, f"_peftaudit_const_{extra}", t)
+                    categories[id(t.untyped_storage())] = "quantization_constants"
+    return categories
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    import torch
+
+    best: list[Any] = []
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            children = list(module)
+            if (
+                children
+                and all(type(c) is type(children[0]) for c in children)
+                and sum(p.numel() for p in children[0].parameters()) > 0
+            ):
+                best = children
+    return best
+
+
+def output_module(model: Any) -> Any:
+    base = model
+    for attr in ("get_base_model",):
+        fn = getattr(base, attr, None)
+        if callable(fn):
+            base = fn()
+    getter = getattr(base, "get_output_embeddings", None)
+    out = getter() if callable(getter) else None
+    if out is not None and hasattr(out, "base_layer"):
+        out = out.base_layer
+    return out

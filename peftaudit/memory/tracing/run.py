@@ -1,0 +1,204 @@
+"""One traced run: training steps under fake tensors, watched storage by storage."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftaudit.memory.plan import TrainingPlan
+from peftaudit.memory.tracing.autocast import AUTOCAST, autocast_mode
+from peftaudit.memory.tracing.model import decoder_layers, materialize, output_module, prepare_model, unique_params
+from peftaudit.memory.tracing.optimizer import optimizer_for
+from peftaudit.memory.tracing.standins import stand_ins
+from peftaudit.memory.tracing.tracker import Tracker, dispatch_mode
+
+
+@dataclass
+class TraceResult:
+    """Raw numbers of a trace: the peak and what was alive then, plus timings."""
+
+    peak_bytes: int
+    components: dict[str, int]
+    peak_phase: str
+    phase_peaks: dict[str, int]
+    activations_per_layer: tuple[int, ...]
+    trainable_params: int
+    seconds: float
+    ops: int
+    notes: list[str] = field(default_factory=list)
+
+
+def run_trace(
+    model: Any, plan: TrainingPlan, *, steps: int = 2, loss_fn: Callable[[Any], Any] | None = None
+) -> TraceResult:
+    """The trace itself (see :func:`trace`), returning the raw result.
+
+    ``loss_fn(model)`` replaces the language-model step (token ids in, ``.loss`` out) for models
+    that take other inputs: it builds its inputs (under fake tensors) and returns the loss.
+    """
+
+    started = time.perf_counter()
+    with _quiet():
+        return _run(model, plan, steps, started, loss_fn)
+
+
+def _run(
+    model: Any, plan: TrainingPlan, steps: int, started: float, loss_fn: Callable[[Any], Any] | None = None
+) -> TraceResult:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model, extras, notes = prepare_model(model, plan)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    storage_cats = materialize(model, mode, extras)
+    tracker = Tracker()
+    param_storages = set(storage_cats)
+    params = [p for p in unique_params(model) if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    layers = decoder_layers(model)
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(lambda _m, _a, i=i: _enter_layer(tracker, i)))
+        hooks.append(layer.register_forward_hook(lambda _m, _a, _o: _leave_layer(tracker)))
+    head = output_module(model)
+    if head is not None:
+        hooks.append(head.register_forward_pre_hook(lambda _m, _a: _enter_head(tracker)))
+    for p in params:
+        hooks.append(
+            p.register_post_accumulate_grad_hook(lambda q: tracker.retag(q.grad.untyped_storage(), "gradients"))
+        )
+    model.train(plan.training)
+    vocab_inputs = _inputs_factory(model, plan) if loss_fn is None else dict
+    per_layer: tuple[int, ...] = ()
+    with mode, stand_ins(plan):
+        for p in unique_params(model):
+            tracker.track(p.untyped_storage(), storage_cats.get(id(p.untyped_storage()), "base_weights"))
+        for b in model.buffers():
+            tracker.track(b.untyped_storage(), "base_weights")
+        for m in model.modules():
+            for attr, value in vars(m).items():
+                if attr.startswith("_peftaudit_const_") and isinstance(value, torch.Tensor):
+                    tracker.track(value.untyped_storage(), "quantization_constants")
+        optimizer, step = (None, None) if not plan.training else optimizer_for(plan, params)
+        with dispatch_mode(tracker, param_storages), autocast_mode():
+            for _ in range(steps if plan.training else 1):
+                for _micro in range(plan.gradient_accumulation if plan.training else 1):
+                    inputs = vocab_inputs()
+                    tracker.phase, tracker.category = "forward", "activations"
+                    AUTOCAST["enabled"] = plan.autocast
+                    if plan.training:
+                        loss = loss_fn(model) if loss_fn is not None else model(**inputs).loss
+                    else:
+                        with torch.no_grad():
+                            model(**inputs)
+                        loss = None
+                    AUTOCAST["enabled"] = False
+                    AUTOCAST["cache"] = {}
+                    tracker.layer = None
+                    per_layer = tuple(tracker.by_layer[i] for i in range(len(layers)))
+                    del inputs
+                    if loss is None:
+                        break
+                    tracker.phase, tracker.category = "backward", "temporaries"
+                    # Checkpointed layers recompute under autocast, as torch.utils.checkpoint restores it.
+                    AUTOCAST["enabled"] = plan.autocast and plan.gradient_checkpointing
+                    loss.backward()
+                    AUTOCAST["enabled"] = False
+                    AUTOCAST["cache"] = {}
+                    del loss
+                if optimizer is None or step is None:
+                    continue
+                tracker.phase, tracker.category = "optimizer step", "temporaries"
+                step()
+                for state in optimizer.state.values():
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor):
+                            tracker.retag(value.untyped_storage(), "optimizer_states")
+                optimizer.zero_grad(set_to_none=True)
+    for h in hooks:
+        h.remove()
+    seconds = time.perf_counter() - started
+    comps = {k: max(0, int(v)) for k, v in tracker.peak_cats.items()}
+    return TraceResult(
+        peak_bytes=tracker.peak,
+        components=comps,
+        peak_phase=tracker.peak_phase,
+        phase_peaks=dict(tracker.phase_peaks),
+        activations_per_layer=per_layer,
+        trainable_params=trainable,
+        seconds=seconds,
+        ops=tracker.ops,
+        notes=notes,
+    )
+
+
+def _enter_layer(tracker: Tracker, i: int) -> None:
+    if tracker.phase == "forward":
+        tracker.layer = i
+        tracker.category = "activations"
+    elif tracker.phase == "backward":
+        # Gradient checkpointing recomputes the layer: those tensors are activations again.
+        tracker.category = "activations"
+        AUTOCAST["cache"] = {}
+
+
+def _leave_layer(tracker: Tracker) -> None:
+    if tracker.phase == "forward":
+        tracker.layer = None
+    elif tracker.phase == "backward":
+        tracker.category = "temporaries"
+
+
+def _enter_head(tracker: Tracker) -> None:
+    if tracker.phase == "forward":
+        tracker.layer = None
+        tracker.category = "logits_and_loss"
+
+
+def _inputs_factory(model: Any, plan: TrainingPlan) -> Callable[[], dict[str, Any]]:
+    import torch
+
+    # Training scripts turn the KV cache off (it would keep a copy of every layer's keys and values
+    # through the forward pass for nothing); models without the flag do not take it.
+    takes_cache = "use_cache" in getattr(getattr(model, "config", None), "to_dict", lambda: {})()
+
+    # Sequence classifiers take one label per sequence, language models one per token.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    per_sequence = type(base).__name__.endswith("ForSequenceClassification")
+
+    def make() -> dict[str, Any]:
+        ids = torch.zeros(plan.batch_size, plan.seq_len, dtype=torch.long)
+        labels = torch.zeros(plan.batch_size, dtype=torch.long) if per_sequence else ids
+        inputs: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if takes_cache:
+            inputs["use_cache"] = False
+        return inputs
+
+    return make
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    # peft's notes, and fake tensors' own log of a failing kernel (we raise the error anyway).
+    loggers = [logging.getLogger(n) for n in ("peft", "torch._subclasses.fake_tensor", "bitsandbytes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
