@@ -38,7 +38,3 @@ def inventory_of() -> Any:
 @pytest.fixture(scope="session")
 def measurements() -> dict[str, Any]:
     return json.loads((DATA / "measurements.json").read_text())
-
-
-def rel_err(value: float, reference: float) -> float:
-    return value / reference - 1.0

@@ -116,3 +116,8 @@ def build(name_or_config: str | dict[str, Any], dtype: str = "bfloat16") -> Any:
     auto = AutoModelForMaskedLM if config["model_type"] == "bert" else AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(cfg, dtype=getattr(torch, dtype))
+
+
+def rel_err(value: float, reference: float) -> float:
+    """How far ``value`` is from ``reference``, as a fraction (0.1 is 10 % high)."""
+    return value / reference - 1.0

@@ -7,8 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import rel_err
-from memory_models import LLAMA2_7B
+from memory_models import LLAMA2_7B, rel_err
 
 from peftaudit.memory import COMPONENTS, MemoryEstimate, TrainingPlan, estimate
 from peftaudit.memory.dtypes import nf4_bytes

@@ -122,6 +122,17 @@ def _lora_branch(
     xa = cast(tp, x, ctx.adapter_dtype)  # peft's _cast_input_dtype
     if adapter.kind == "dora":
         return _dora(tp, ctx, xa, result, spec, adapter, a_w, b_w, r_numel, out_numel, result_dtype)
+    scaled = _scaled_delta(tp, ctx, xa, a_w, b_w, r_numel, out_numel)
+    summed = addt(tp, result, scaled)
+    tp.drop(result, scaled)
+    out = cast(tp, summed, result_dtype)
+    tp.drop(summed)
+    tp.drop(xa)  # peft's forward keeps the cast input in a local until it returns
+    return out
+
+
+def _scaled_delta(tp: Tape, ctx: Context, xa: Tensor, a_w: Tensor, b_w: Tensor, r_numel: Lin, out_numel: Lin) -> Tensor:
+    """peft's ``lora_B(lora_A(dropout(x))) * scaling``, each intermediate freed once the next exists."""
     xd = dropout(tp, ctx, xa, ctx.dropout)
     a_out = matmul(tp, ctx, xd, a_w, r_numel)
     tp.drop(xd)
@@ -129,12 +140,7 @@ def _lora_branch(
     tp.drop(a_out)
     scaled = scalar(tp, b_out)
     tp.drop(b_out)
-    summed = addt(tp, result, scaled)
-    tp.drop(result, scaled)
-    out = cast(tp, summed, result_dtype)
-    tp.drop(summed)
-    tp.drop(xa)  # peft's forward keeps the cast input in a local until it returns
-    return out
+    return scaled
 
 
 def _lora_bnb(
@@ -146,13 +152,7 @@ def _lora_bnb(
     tp.drop(result)
     expected = cloned.dtype
     xa = tp.view(x) if ctx.autocast else cast(tp, x, ctx.adapter_dtype)
-    xd = dropout(tp, ctx, xa, ctx.dropout)
-    a_out = matmul(tp, ctx, xd, a_w, r_numel)
-    tp.drop(xd)
-    b_out = matmul(tp, ctx, a_out, b_w, out_numel)
-    tp.drop(a_out)
-    scaled = scalar(tp, b_out)
-    tp.drop(b_out)
+    scaled = _scaled_delta(tp, ctx, xa, a_w, b_w, r_numel, out_numel)
     if not ctx.autocast:
         back = cast(tp, scaled, expected)
         tp.drop(scaled)

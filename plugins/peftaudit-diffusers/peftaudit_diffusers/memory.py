@@ -215,20 +215,14 @@ def trace_image_training(
         return F.mse_loss(pred.float(), noise.float())
 
     result = run_trace(model, plan, steps=steps, loss_fn=loss_fn)
-    comps = dict(result.components)
-    comps = _with_overheads(comps, plan)
-    return ImageMemoryEstimate(
-        model=_spec_name(spec),
-        method=plan.method,
-        resolution=resolution,
-        batch_size=plan.batch_size,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        total_bytes=sum(comps.values()),
-        components=comps,
-        trainable_params=result.trainable_params,
+    return _image_estimate(
+        _spec_name(spec),
+        plan,
+        resolution,
+        dict(result.components),
+        result.trainable_params,
         source="trace",
         calibration=f"fake-tensor trace of {steps} training step(s), peak in {result.peak_phase}",
-        plan=plan.to_dict(),
     )
 
 
@@ -355,18 +349,40 @@ def estimate_image_training(
         "gradients": static.gradients if activations < step else 0,
         "temporaries": static.step_scratch if activations < step else 0,
     }
+    return _image_estimate(
+        cal.model,
+        plan,
+        resolution,
+        comps,
+        static.trainable_params,
+        source="analytic",
+        calibration=f"activations fitted to the fake-tensor trace at {_points()} (LoRA, bf16 autocast)",
+    )
+
+
+def _image_estimate(
+    model: str,
+    plan: Any,
+    resolution: int,
+    comps: dict[str, int],
+    trainable_params: int,
+    *,
+    source: str,
+    calibration: str,
+) -> ImageMemoryEstimate:
+    """The estimate from its components, with the fixed costs every estimate carries added."""
     comps = _with_overheads(comps, plan)
     return ImageMemoryEstimate(
-        model=cal.model,
+        model=model,
         method=plan.method,
         resolution=resolution,
         batch_size=plan.batch_size,
         gradient_checkpointing=plan.gradient_checkpointing,
         total_bytes=sum(comps.values()),
         components=comps,
-        trainable_params=static.trainable_params,
-        source="analytic",
-        calibration=f"activations fitted to the fake-tensor trace at {_points()} (LoRA, bf16 autocast)",
+        trainable_params=trainable_params,
+        source=source,
+        calibration=calibration,
         plan=plan.to_dict(),
     )
 
