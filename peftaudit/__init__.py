@@ -10,11 +10,11 @@ The public API is imported lazily so that ``import peftaudit`` (and the CLI's
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
+from peftaudit._lazy import lazy_attributes
 from peftaudit._version import __version__
 
 #: Decorator marking a plugin's hook implementations, e.g. ``@peftaudit.hookimpl``.
@@ -61,11 +61,4 @@ __all__ = [
     "verify",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'peftaudit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from peftaudit.errors import PeftauditError
@@ -108,33 +109,40 @@ def _write_all(path: Path, fd: int, payload: bytes) -> None:
         raise PeftauditError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
+def _links(path: Path) -> Iterator[Path]:
+    """``path``, then each path its symlinks lead to, their folders resolved; the last is no symlink.
+
+    Folders are resolved at each step (``/dev/fd`` -> ``/proc/PID/fd``) but the
+    last name is not: a descriptor's link is where the descriptor shows.
+    """
+    current = Path(os.path.abspath(path))
+    for _ in range(_MAX_LINKS):
+        current = current.parent.resolve() / current.name
+        yield current
+        if not current.is_symlink():
+            return
+        current = Path(os.path.abspath(current.parent / os.readlink(current)))
+    raise PeftauditError(f"{path}: cannot write: too many levels of symbolic links")
+
+
 def _final(path: Path) -> Path:
     """``path`` with every symlink followed; a dangling link gives the path it would create."""
     if not path.is_symlink():
         return path  # as given, so errors name what the user typed
-    current = Path(os.path.abspath(path))
-    for _ in range(_MAX_LINKS):
-        if not current.is_symlink():
-            return current
-        current = Path(os.path.abspath(current.parent.resolve() / os.readlink(current)))
-    raise PeftauditError(f"{path}: cannot write: too many levels of symbolic links")
+    *_, last = _links(path)
+    return last
 
 
 def _own_descriptor(path: Path) -> int | None:
     """The descriptor ``path`` names if it is one of this process's (``/dev/stdout``, ``/dev/fd/1``)."""
-    current = Path(os.path.abspath(path))
-    for _ in range(_MAX_LINKS):
-        try:
-            folder = current.parent.resolve()
-        except OSError:
-            return None
-        match = _FD_LINK.fullmatch(str(folder / current.name))
-        if match:
-            pid, fd = match.groups()
-            return int(fd) if int(pid) == os.getpid() else None
-        if not current.is_symlink():
-            return None
-        current = Path(os.path.abspath(folder / os.readlink(current)))
+    try:
+        for link in _links(path):
+            match = _FD_LINK.fullmatch(str(link))
+            if match:
+                pid, fd = match.groups()
+                return int(fd) if int(pid) == os.getpid() else None
+    except (OSError, PeftauditError):
+        return None  # not ours to decide here: the write itself reports a broken path
     return None
 
 

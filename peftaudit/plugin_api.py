@@ -42,10 +42,10 @@ the subsystems a plugin does not touch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peftaudit import hookimpl
+from peftaudit._lazy import lazy_attributes
 
 # public name -> (module that defines it, its name there)
 _LAZY: dict[str, tuple[str, str]] = {
@@ -176,14 +176,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'peftaudit.plugin_api' has no attribute {name!r}")
-    module, attribute = where
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

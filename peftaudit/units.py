@@ -7,6 +7,7 @@ parsed is :data:`GIB`.
 
 from __future__ import annotations
 
+import math
 import re
 
 from peftaudit.errors import PeftauditError
@@ -64,6 +65,15 @@ _BYTE_UNITS = {
     "TB": 1000**4,
 }
 _COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def is_finite_number(value: object) -> bool:
+    """A real number strict JSON can hold: an int or a float, not a bool, not NaN or infinite.
+
+    The one test for figures read from files, plugins and plans (a string or a
+    boolean where a number belongs is a mistake, not a number).
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def parse_size(text: str) -> int:

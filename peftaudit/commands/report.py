@@ -34,7 +34,6 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftaudit.plugins import renderers
-    from peftaudit.report import report_for
     from peftaudit.report.render import RenderOptions
 
     fmt = args.format or "table"
@@ -45,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise PeftauditError(f"unknown --format '{fmt}'; choose from {', '.join(sorted(available))}")
     resolved, source, options = resolve_model(args)
-    report = report_for(resolved, source, options, use_cache=not args.no_cache)
-    report, findings = _with_plans_and_checks(report, resolved, source, options, args)
+    report, findings = _report_and_findings(resolved, source, options, args)
     text = renderer.render(report, RenderOptions(width=width(args), color=use_color(args), tree=args.tree))
     emit(text, args)
     from peftaudit.recommend.cli import gate
@@ -57,22 +55,25 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _with_plans_and_checks(
-    report: Any, resolved: Any, source: Any, options: Any, args: argparse.Namespace
+def _report_and_findings(
+    resolved: Any, source: Any, options: Any, args: argparse.Namespace
 ) -> tuple[Any, tuple[Any, ...]]:
-    """Add memory estimates (estimator flags) and readiness findings (``--checks``); also return the
-    findings ``--fail-on`` judges, which are computed even when not shown."""
+    """The report, with memory estimates (estimator flags) and readiness findings (``--checks``);
+    also the findings ``--fail-on`` judges, which are computed even when not shown."""
     import dataclasses
 
     from peftaudit.memory import cli as memory_cli
+    from peftaudit.report import report_for
 
     plans = memory_cli.plans_from_args(args)
     checks = args.checks or args.fail_on != "never"
+    use_cache = not args.no_cache
     if not plans and not checks:
-        return report, ()
+        return report_for(resolved, source, options, use_cache=use_cache), ()
     from peftaudit.sources.load import load_resolved
 
-    loaded = load_resolved(resolved, source, options)  # one meta build for both
+    loaded = load_resolved(resolved, source, options)  # one meta build for the report, estimates and checks
+    report = report_for(resolved, source, options, use_cache=use_cache, loaded=loaded)
     estimates: list[Any] = []
     if plans:
         from peftaudit.memory import estimate

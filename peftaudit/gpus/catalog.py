@@ -27,7 +27,6 @@ refused, and so is ``price_per_hour = -1`` in the file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tomllib
@@ -39,7 +38,7 @@ from typing import Any
 
 from peftaudit import plugins
 from peftaudit.errors import PeftauditError
-from peftaudit.units import GIB
+from peftaudit.units import GIB, is_finite_number
 
 DTYPES = ("bf16", "fp16", "fp8", "fp32")
 
@@ -147,7 +146,7 @@ def _number(value: Any, key: str, where: str) -> float:
     """A figure from a file: an int or a float, finite (a string or a boolean is a mistake, not a number)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PeftauditError(f"{where}: {key} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise PeftauditError(f"{where}: {key} must be a finite number, got {value!r}")
     return float(value)
 
@@ -161,8 +160,7 @@ def check_gpu(gpu: GPU, where: str | None = None) -> None:
     where = where or f"GPU '{gpu.name}' from {gpu.origin}"
 
     def finite(key: str, value: Any, *, positive: bool = False) -> None:
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        if not ok or value < 0 or (positive and value == 0):
+        if not is_finite_number(value) or value < 0 or (positive and value == 0):
             wanted = "a positive finite number" if positive else "a finite number, 0 or more"
             raise PeftauditError(f"{where}: {key} must be {wanted}, got {value!r}")
 

@@ -15,9 +15,9 @@ loading does not import numpy or torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from peftaudit._lazy import lazy_attributes
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,10 +51,4 @@ def available_methods() -> dict[str, Any]:
     return memory_methods()
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'peftaudit.memory' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)

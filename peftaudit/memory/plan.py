@@ -13,12 +13,12 @@ QLoRA on a model without linear layers) run when the plan meets an inventory.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from peftaudit.errors import PeftauditError
+from peftaudit.units import is_finite_number
 
 MIB = 1024**2
 
@@ -272,7 +272,7 @@ class TrainingPlan:
         for pattern, rank in self.rank_pattern:
             if not isinstance(rank, int) or rank < 1:
                 raise PlanError(f"rank_pattern '{pattern}' gives rank {rank!r}; ranks must be positive integers")
-        if self.alpha is not None and not (_finite(self.alpha) and self.alpha > 0):
+        if self.alpha is not None and not (is_finite_number(self.alpha) and self.alpha > 0):
             raise PlanError(f"LoRA alpha must be a positive finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise PlanError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -280,7 +280,7 @@ class TrainingPlan:
             raise PlanError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens!r}")
         if self.trainable_layers < 0:
             raise PlanError(f"trainable_layers must be >= 0, got {self.trainable_layers!r}")
-        if not _finite(self.cuda_context_bytes) or self.cuda_context_bytes < 0:
+        if not is_finite_number(self.cuda_context_bytes) or self.cuda_context_bytes < 0:
             raise PlanError(f"cuda_context_bytes must be a finite number >= 0, got {self.cuda_context_bytes!r}")
         if not 0.0 <= self.allocator_fraction <= 4.0:
             raise PlanError(f"allocator_fraction must be between 0 and 4, got {self.allocator_fraction!r}")
@@ -296,11 +296,6 @@ class TrainingPlan:
             raise PlanError("targets must not be empty")
         if isinstance(self.targets, tuple) and not self.targets and not self.target_parameters:
             raise PlanError("targets is empty and no target_parameters were given: nothing would train")
-
-
-def _finite(value: object) -> bool:
-    """A real number that strict JSON can hold: not a bool, not NaN, not infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from peftaudit.inventory import Inventory, ParameterRecord
     from peftaudit.sources.base import ResolvedModel, SourceOptions
+    from peftaudit.sources.load import LoadedModel
 
 _SCALES = {
     "K": 10**3,
@@ -139,8 +140,19 @@ def audit(
     return report_for_module(source)
 
 
-def report_for(resolved: ResolvedModel, model_source: Any, options: SourceOptions, *, use_cache: bool = True) -> Report:
-    """The report for a resolved model, from the cache when this exact config was seen."""
+def report_for(
+    resolved: ResolvedModel,
+    model_source: Any,
+    options: SourceOptions,
+    *,
+    use_cache: bool = True,
+    loaded: LoadedModel | None = None,
+) -> Report:
+    """The report for a resolved model, from the cache when this exact config was seen.
+
+    ``loaded``: the model already built and walked (a caller that also estimates
+    or checks it), so a cache miss does not build it a second time.
+    """
     from peftaudit import cache
 
     key = cache.key_for(resolved, options) if use_cache else None
@@ -148,9 +160,11 @@ def report_for(resolved: ResolvedModel, model_source: Any, options: SourceOption
         cached = cache.load(key)
         if cached is not None:
             return cached
-    from peftaudit.sources.load import load_resolved
+    if loaded is None:
+        from peftaudit.sources.load import load_resolved
 
-    inventory = load_resolved(resolved, model_source, options).inventory
+        loaded = load_resolved(resolved, model_source, options)
+    inventory = loaded.inventory
     info = ModelInfo(
         id=resolved.id,
         architecture=inventory.architecture,

@@ -17,8 +17,9 @@ live model is fingerprinted, and transformers only for ``PeftAuditCallback``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from peftaudit._lazy import lazy_attributes
 from peftaudit.severity import Severity
 from peftaudit.verification.api import snapshot, verify
 from peftaudit.verification.causes import Cause
@@ -56,10 +57,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The callback imports transformers; load it only when asked for.
-    if name == "PeftAuditCallback":
-        from peftaudit.verification.callback import PeftAuditCallback
-
-        return PeftAuditCallback
-    raise AttributeError(f"module 'peftaudit.verification' has no attribute {name!r}")
+# The callback imports transformers; load it only when asked for.
+__getattr__ = lazy_attributes(__name__, {"PeftAuditCallback": "peftaudit.verification.callback"})

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from peftaudit.units import is_finite_number
 from peftaudit.verification.errors import CheckpointError
 from peftaudit.verification.expectations import BASE_REWRITING_INITS
 
@@ -163,7 +164,7 @@ def _rank(value: Any, where: str, key: str) -> int:
 
 
 def _alpha(value: Any, where: str, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise CheckpointError(f"{where}: {key} {value!r} is not a finite number (peft's LoRA alpha)")
     return float(value)
 
