@@ -24,13 +24,27 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.sources.base import ResolvedModel, SourceOptions
 
 
+#: Bumped whenever what a report holds changes between releases (2: the towers of vision-language
+#: models), so a report cached by an earlier build is rebuilt rather than shown without them.
+REPORT_FORMAT = 2
+
+
 def cache_dir() -> Path:
-    """Where reports are cached."""
-    explicit = os.environ.get("PEFTAUDIT_CACHE_DIR")
+    """Where reports are cached (``PEFTAUDIT_CACHE_DIR``)."""
+    return _folder("PEFTAUDIT_CACHE_DIR", "reports")
+
+
+def profiles_dir() -> Path:
+    """Where derived step profiles are stored (``PEFTAUDIT_PROFILE_DIR``, :mod:`peftaudit.memory.derived.store`)."""
+    return _folder("PEFTAUDIT_PROFILE_DIR", "profiles")
+
+
+def _folder(variable: str, name: str) -> Path:
+    explicit = os.environ.get(variable)
     if explicit:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "peftaudit" / "reports"
+    return Path(base) / "peftaudit" / name
 
 
 def enabled() -> bool:
@@ -43,8 +57,9 @@ def key_for(resolved: ResolvedModel, options: SourceOptions) -> str | None:
         return None
     return resolved.fingerprint(
         f"peftaudit={__version__}",
-        f"transformers={_version('transformers')}",
-        f"torch={_version('torch')}",
+        f"report_format={REPORT_FORMAT}",
+        f"transformers={installed_version('transformers')}",
+        f"torch={installed_version('torch')}",
         f"trust_remote_code={options.trust_remote_code}",
         f"id={resolved.id}",
         f"origin={resolved.origin}",
@@ -83,7 +98,8 @@ def store(key: str, report: Report) -> None:
         pass  # a cache that cannot be written is skipped: the report itself is unaffected
 
 
-def _version(dist: str) -> str:
+def installed_version(dist: str) -> str:
+    """The installed version of a distribution, read from its metadata (no import), or ``absent``."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

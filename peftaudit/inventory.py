@@ -156,6 +156,9 @@ class Inventory:
     quantization_config: Any = field(default=None, compare=False, repr=False)
     """The config's ``quantization_config`` as published (pre-quantized checkpoints), else ``None``.
     Counts stay logical; :mod:`peftaudit.memory.quantized` reads the storage it implies."""
+    config: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The model's config as a dict (``config.to_dict()``), when it has one: what a derived layer
+    profile rebuilds a depth-reduced copy of the model from (:mod:`peftaudit.memory.derived`)."""
 
     @property
     def total(self) -> int:
@@ -296,6 +299,7 @@ def take_inventory(
         dims=_dims(config or {}),
         output_head=output_head,
         quantization_config=_quantization_config(config or {}),
+        config=dict(config) if config else None,
     )
     moe = _moe_info(inventory, config or {})
     if moe is not None:

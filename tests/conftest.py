@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -28,3 +30,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--update-golden", default=False):
         os.environ["PEFTAUDIT_UPDATE_GOLDEN"] = "1"
+    if not hasattr(config, "workerinput"):
+        # One store of derived step profiles for this session, shared by the xdist workers and the
+        # CLI processes tests start (they inherit the environment): each model and plan shape is
+        # traced once per run, never read from a user's store or an earlier run.
+        folder = tempfile.mkdtemp(prefix="peftaudit-profiles-")
+        os.environ["PEFTAUDIT_PROFILE_DIR"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))

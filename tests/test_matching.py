@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils.other import get_pattern_key
 
+from peftaudit.architecture import ModuleRole
 from peftaudit.inventory import take_inventory
 from peftaudit.matching import (
     all_linear,
@@ -33,7 +34,7 @@ from peftaudit.matching import (
 )
 from peftaudit.memory.plan import TrainingPlan
 from peftaudit.memory.targets import lora_adapters
-from peftaudit.recommend.targets import resolve_preset
+from peftaudit.recommend.targets import TargetError, language_model_scope, resolve_preset
 from peftaudit.sources.build import build_from_config
 from peftaudit.sources.catalog import entries
 
@@ -159,10 +160,22 @@ def test_recommender_estimator_and_peft_adapt_the_same_modules(model_id: str) ->
     peft_modules, peft_params = _peft_adapted(model_id, target_modules="all-linear")
     assert _estimated(inventory, TrainingPlan(targets="all-linear")) == (peft_modules, peft_params)
     selection = resolve_preset(inventory, "all-linear")
-    assert set(selection.modules) == peft_modules
-    assert _estimated(inventory, TrainingPlan(targets=selection.spec.target_modules))[0] == peft_modules
+    # The preset is peft's all-linear, less a classification head (trained whole, modules_to_save) and,
+    # on a vision-language model, less the vision tower and projector (the adapter goes on the LM).
+    scope = language_model_scope(inventory)
+    classifiers = {m.path for m in inventory.modules if m.role == ModuleRole.CLASSIFIER}
+    expected = {m for m in peft_modules if not scope or any(m.startswith(r + ".") for r in scope)} - classifiers
+    assert set(selection.modules) == expected
+    written = selection.spec.target_modules
+    target_list = written if isinstance(written, str) else list(written)
+    assert _peft_adapted(model_id, target_modules=target_list)[0] == expected
+    assert _estimated(inventory, TrainingPlan(targets=written))[0] == expected
 
     # The attention preset's written config: what the recommender selects, the estimator and peft adapt.
+    if not any(str(m.role or "").startswith("attention.") for m in inventory.modules):
+        with pytest.raises(TargetError, match="selects nothing"):  # ConvNeXt: convolutions, no attention
+            resolve_preset(inventory, "attention")
+        return
     spec = resolve_preset(inventory, "attention").spec
     targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
     peft = _peft_adapted(model_id, target_modules=targets, target_parameters=list(spec.parameters) or None)

@@ -134,3 +134,15 @@ def test_report_with_estimates_and_findings_round_trips_and_matches_schema(capsy
     ids = {f["id"] for f in data["findings"]}
     assert {"lora.fan-in-fan-out", "targets.ambiguous-name", "tokens.no-pad"} <= ids  # GPT-2: Conv1D, c_proj, no pad
     assert Report.from_dict(data).to_dict() == data
+
+
+def test_vision_language_report_with_towers_matches_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from peftaudit.cli import main
+
+    assert main(["report", "llava-hf/llava-1.5-7b-hf", "--json", "--no-cache"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    assert [t["name"] for t in data["towers"]] == ["vision", "projector", "language_model"]
+    assert sum(t["params"] for t in data["towers"]) == data["params"]["total"]

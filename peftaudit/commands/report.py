@@ -76,10 +76,8 @@ def _report_and_findings(
     report = report_for(resolved, source, options, use_cache=use_cache, loaded=loaded)
     estimates: list[Any] = []
     if plans:
-        from peftaudit.memory import estimate
-
-        estimates = [estimate(loaded.inventory, plan) for plan in plans]
-        if memory_cli.wants_trace(args):
+        estimates = _estimates(loaded.inventory, plans)
+        if estimates and memory_cli.wants_trace(args):
             from peftaudit.memory import trace
 
             estimates += [trace(loaded.skeleton(), plan) for plan in plans]
@@ -92,3 +90,42 @@ def _report_and_findings(
         findings = tuple(run_checks(context, skip=args.skip_check))
     shown = findings if args.checks else ()
     return dataclasses.replace(report, estimates=tuple(estimates), findings=shown), findings
+
+
+def _estimates(inventory: Any, plans: Any) -> list[Any]:
+    """The memory estimates, leaving out those the estimator cannot make for this model.
+
+    A plan the user got wrong (targets matching nothing, an invalid combination) is still
+    an error, exit 2. A model the estimator has no layer program or shape for (a vision
+    encoder, a convolutional network) keeps its exact counts and gets a named warning,
+    ``estimate-unavailable``, instead of an estimate.
+    """
+    from peftaudit.memory import PlanError, estimate
+
+    estimates: list[Any] = []
+    for plan in plans:
+        try:
+            estimates.append(estimate(inventory, plan))
+        except PlanError as exc:
+            _raise_if_plan_is_wrong(inventory, plan, exc)
+            warn(
+                f"estimate-unavailable: no {plan.method} memory estimate for {inventory.architecture}: {exc} "
+                "(the parameter counts are exact)"
+            )
+    return estimates
+
+
+def _raise_if_plan_is_wrong(inventory: Any, plan: Any, exc: Exception) -> None:
+    """Re-raise ``exc`` when the plan itself is at fault: it fails validation or its targets on this model."""
+    from peftaudit.memory import PlanError
+    from peftaudit.memory.targets import lora_adapters, saved_modules
+    from peftaudit.memory.tracing.inputs import check_images
+
+    try:
+        plan.validate()
+        check_images(inventory.config or {}, plan, inventory.architecture)
+        if plan.method != "full":  # full fine-tuning names no targets
+            lora_adapters(inventory, plan)
+        saved_modules(inventory, plan)
+    except PlanError:
+        raise exc from None

@@ -154,6 +154,17 @@ class TrainingPlan:
     """Micro-batches per optimizer step; above 1 the gradients stay alive through
     every forward pass."""
 
+    # --- images -------------------------------------------------------------------------------------
+    images: int = 0
+    """Multimodal models: images per sample. Their placeholder tokens count in ``seq_len``."""
+    image_tokens: int | None = None
+    """Multimodal models: tokens one image takes in the language model's sequence; ``None`` is
+    the model's own (LLaVA's ``image_seq_length`` or (image size / patch)^2, Gemma 3's
+    ``mm_tokens_per_image``, Qwen-VL's at 756 px; :mod:`peftaudit.memory.tracing.inputs`)."""
+    image_size: int | None = None
+    """Vision models (ViT, DINOv2, ConvNeXt, Swin, CLIP): the square image side in pixels;
+    ``None`` is the config's ``image_size``. Their batch is ``batch_size`` images."""
+
     # --- scale-out ----------------------------------------------------------------------------
     gpus: int = 1
     """GPUs in the job (all nodes)."""
@@ -267,6 +278,17 @@ class TrainingPlan:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PlanError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if not isinstance(self.images, int) or isinstance(self.images, bool) or self.images < 0:
+            raise PlanError(f"images must be a whole number >= 0, got {self.images!r}")
+        for name in ("image_tokens", "image_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise PlanError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if self.image_tokens is not None and self.images * self.image_tokens >= self.seq_len:
+            raise PlanError(
+                f"{self.images} image(s) x {self.image_tokens} tokens do not fit in seq-len {self.seq_len:,} "
+                "(it counts image tokens too): raise --seq-len or lower --images/--image-tokens"
+            )
         if not isinstance(self.rank, int) or self.rank < 1:
             raise PlanError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         for pattern, rank in self.rank_pattern:

@@ -27,8 +27,11 @@ from peftaudit.recommend.targets import (
     compact_paths,
     count_adapters,
     fused_expert_parameters,
+    language_model_scope,
     resolve_preset,
 )
+from peftaudit.render.numbers import count
+from peftaudit.towers import LANGUAGE_MODEL, PROJECTOR, VISION, is_vision_encoder, split_towers, tower_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.inventory import Inventory
@@ -159,8 +162,13 @@ class Recommendation:
 
 
 def default_preset(inventory: Inventory) -> str:
-    """``all-linear+experts`` where fused experts exist, else ``all-linear``."""
-    return "all-linear+experts" if fused_expert_parameters(inventory) else "all-linear"
+    """``all-linear+experts`` where fused experts exist, ``attention`` on an image encoder with attention
+    (ViT, DINOv2, CLIP), else ``all-linear``."""
+    if fused_expert_parameters(inventory):
+        return "all-linear+experts"
+    if is_vision_encoder(inventory) and any(m.role in _ATTENTION_ROLES for m in inventory.modules if m.is_linear):
+        return "attention"
+    return "all-linear"
 
 
 def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest | None = None) -> Recommendation:
@@ -173,7 +181,12 @@ def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest
 
     selection = _selection(inventory, request, reasons)
     notes.extend(selection.notes)
-    unnamed = [m.path for m in inventory.modules if m.path and m.is_linear and m.role is None]
+    scope = language_model_scope(inventory)
+    unnamed = [
+        m.path
+        for m in inventory.modules
+        if m.path and m.is_linear and m.role is None and (not scope or tower_of(m.path)[0] == LANGUAGE_MODEL)
+    ]
     if unnamed:
         notes.append(
             f"{len(unnamed)} linear modules have no architecture role ({', '.join(compact_paths(unnamed, limit=3))}): "
@@ -278,8 +291,19 @@ def _selection(inventory: Inventory, request: RecommendRequest, reasons: list[Re
         return TargetSelection("custom", request.targets, count.module_paths, count.parameter_paths)
     preset = request.preset or default_preset(inventory)
     selection = resolve_preset(inventory, preset, task=request.task)
+    reasons.extend(_modality_reasons(inventory, preset, request.preset is None))
     if request.preset:
         reasons.append(Reason("targets.given", f"preset {preset} as given: {PRESET_HELP[preset]}"))
+    elif preset == "attention":
+        reasons.append(
+            Reason(
+                "targets.vision-attention",
+                "the attention projections (q, k, v, o) of every encoder block: peft's ViT recipe adapts query "
+                "and value; the mlp preset adds fc1/fc2 (all-linear covers both) where the attention alone "
+                "underfits",
+                ("peft-vit", "lora"),
+            )
+        )
     elif selection.parameters:
         reasons.append(
             Reason(
@@ -299,6 +323,62 @@ def _selection(inventory: Inventory, request: RecommendRequest, reasons: list[Re
             )
         )
     return selection
+
+
+_ATTENTION_ROLES = frozenset(
+    {"attention.q", "attention.k", "attention.v", "attention.o", "attention.qkv", "attention.other"}
+)
+
+
+def _modality_reasons(inventory: Inventory, preset: str, chosen_here: bool) -> list[Reason]:
+    """What common recipes do with a vision-language model's towers, or with an image encoder's layers."""
+    towers = {t.name: t for t in split_towers(inventory)}
+    if towers:
+        vision, projector = towers[VISION], towers[PROJECTOR]
+        save = projector.modules[-1].rpartition(".")[2] if projector.modules else ""
+        projector_text = (
+            f"the projector ({', '.join(projector.modules)}, {count(projector.params)} parameters) is trained in "
+            f"LLaVA-1.5's recipes and frozen by LLaMA-Factory's default; to train it beside the adapter, add "
+            f"modules_to_save: [{save}] (+{count(projector.params)} trainable)"
+            if projector.modules
+            else "the model has no separate projector"
+        )
+        return [
+            Reason(
+                "targets.language-model",
+                f"the adapter goes on the language model only; the vision tower ({', '.join(vision.modules)}, "
+                f"{count(vision.params)} parameters) stays frozen, as LLaVA-1.5 and LLaMA-Factory keep it; "
+                + projector_text,
+                ("llava", "llamafactory-mm"),
+            )
+        ]
+    if not is_vision_encoder(inventory):
+        return []
+    reasons: list[Reason] = []
+    convs = [m for m in inventory.modules if m.type == "Conv2d"]
+    conv_params = sum(m.own_params for m in convs)
+    if convs:
+        names = ", ".join(compact_paths([m.path for m in convs], limit=4))
+        reasons.append(
+            Reason(
+                "targets.conv2d",
+                f"{len(convs)} Conv2d layers ({names}; {count(conv_params)} parameters) are not linear, so "
+                "no preset and not all-linear adapts them; peft's LoRA wraps an nn.Conv2d named in "
+                "target_modules (LoRA on its kernel); a depthwise convolution (groups = channels, ConvNeXt's dwconv) "
+                "only at a rank its groups divide, which peft checks",
+                ("peft-vit",),
+            )
+        )
+    if any(m.role == "classifier" for m in inventory.modules):
+        reasons.append(
+            Reason(
+                "targets.classifier",
+                "a new label set trains the classification head in full: --task classification puts it in "
+                "modules_to_save, as peft's image classification recipe does",
+                ("peft-vit",),
+            )
+        )
+    return reasons
 
 
 def _presets(

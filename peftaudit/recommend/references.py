@@ -48,6 +48,24 @@ REFERENCES: dict[str, Reference] = {
             "https://huggingface.co/docs/peft/package_reference/lora",
         ),
         Reference(
+            "llava",
+            "Liu et al. 2023, Improved Baselines with Visual Instruction Tuning (LLaVA-1.5): vision encoder frozen, "
+            "projector and language model trained; LoRA recipe scripts/v1_5/finetune_lora.sh (mm_projector_lr)",
+            "https://github.com/haotian-liu/LLaVA",
+        ),
+        Reference(
+            "llamafactory-mm",
+            "LLaMA-Factory FinetuningArguments: freeze_vision_tower=True, freeze_multi_modal_projector=True, "
+            "freeze_language_model=False by default",
+            "https://github.com/hiyouga/LLaMA-Factory/blob/main/src/llamafactory/hparams/finetuning_args.py",
+        ),
+        Reference(
+            "peft-vit",
+            "peft image classification with LoRA (ViT): target_modules query and value, the classifier in "
+            "modules_to_save; LoraConfig also wraps nn.Conv2d named in target_modules",
+            "https://huggingface.co/docs/peft/task_guides/image_classification_lora",
+        ),
+        Reference(
             "defaults",
             "LLaMA-Factory (lora_alpha defaults to lora_rank * 2) and TRL ModelConfig (lora_r 16, lora_alpha 32)",
             "https://github.com/hiyouga/LLaMA-Factory/blob/main/src/llamafactory/hparams/finetuning_args.py",

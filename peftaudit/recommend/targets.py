@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from peftaudit.architecture import ModuleRole as R
 from peftaudit.errors import PeftauditError
 from peftaudit.matching import all_linear, is_all_linear, targets_match
+from peftaudit.towers import LANGUAGE_MODEL, split_towers, tower_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.inventory import Inventory
@@ -214,6 +215,17 @@ def resolve_preset(inventory: Inventory, preset: str, *, task: str = "instruct")
         parameters = fused_expert_parameters(inventory)
         if preset == "all-linear+experts" and not parameters:
             notes.append("no fused expert weights: all-linear+experts is the same as all-linear here")
+    scope = language_model_scope(inventory)
+    if scope:
+        # Vision-language models: the adapter goes on the language model; the vision tower stays frozen
+        # and the projector is the caller's choice (modules_to_save), as the common recipes do.
+        outside = [p for p in chosen if tower_of(p)[0] != LANGUAGE_MODEL]
+        chosen = [p for p in chosen if tower_of(p)[0] == LANGUAGE_MODEL]
+        if outside:
+            notes.append(
+                f"{len(outside)} modules of the vision tower and projector are left out: the adapter "
+                f"goes on the language model ({', '.join(scope)})"
+            )
     if not chosen and not parameters:
         raise TargetError(
             f"preset '{preset}' selects nothing on this {inventory.architecture}: no module has the "
@@ -229,6 +241,17 @@ def resolve_preset(inventory: Inventory, preset: str, *, task: str = "instruct")
     return _settle(inventory, selection)
 
 
+def language_model_scope(inventory: Inventory) -> tuple[str, ...]:
+    """The language model's module paths on a vision-language model (``model.language_model``), else ``()``.
+
+    Presets on such a model select only modules inside these paths (:mod:`peftaudit.towers`).
+    """
+    for tower in split_towers(inventory):
+        if tower.name == LANGUAGE_MODEL:
+            return tower.modules
+    return ()
+
+
 def _selection(
     inventory: Inventory,
     preset: str,
@@ -239,6 +262,11 @@ def _selection(
 ) -> TargetSelection:
     universe = [m.path for m in inventory.modules if m.path]
     names, pattern = names_for(chosen, universe)
+    scoped = _scoped_pattern(chosen, universe, language_model_scope(inventory))
+    if scoped is not None:
+        # ``q_proj`` also names the vision tower's projections: one expression rooted at the language
+        # model reads better than a per-layer list (which stays in ``names`` for formats without one).
+        pattern = scoped
     param_names, param_pattern = names_for(parameters, [p.name for p in inventory.parameters])
     if param_pattern is not None:  # pragma: no cover - experts share names across layers
         param_names = tuple(parameters)
@@ -285,6 +313,27 @@ def _settle(inventory: Inventory, selection: TargetSelection) -> TargetSelection
     if not settled.modules and not settled.parameters:
         raise TargetError(f"preset '{selection.preset}' selects nothing peft can adapt by name on this model: {note}")
     return settled
+
+
+def _scoped_pattern(chosen: Sequence[str], universe: Sequence[str], scope: Sequence[str]) -> str | None:
+    """A regular expression selecting exactly ``chosen``: short names under the ``scope`` roots.
+
+    ``None`` when there is no scope, when the short names alone already select exactly ``chosen``
+    (no expression needed), or when no such expression selects exactly ``chosen``.
+    """
+    if not scope or not chosen:
+        return None
+    inside = [p for p in universe if any(p.startswith(root + ".") for root in scope)]
+    short, short_pattern = names_for(chosen, inside)
+    if short_pattern is not None:
+        return None
+    if {p for p in universe if any(targets_match([n], p) for n in short)} == set(chosen):
+        return None
+    roots = "|".join(re.escape(root) for root in scope if any(p.startswith(root + ".") for p in chosen))
+    leaves = "|".join(r"\.".join(re.escape(part) for part in name.split(".")) for name in short)
+    pattern = rf"(?:{roots})\.(?:.*\.)?(?:{leaves})"
+    selected = {p for p in universe if re.fullmatch(pattern, p)}
+    return pattern if selected == set(chosen) else None
 
 
 def compact_paths(paths: Iterable[str], limit: int = 6) -> list[str]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftaudit.report.layers import layer_rows, module_tree
 from peftaudit.report.model import ModelInfo, MoeSummary, ParamTotals, PublishedCheck, Report, TiedInfo
+from peftaudit.towers import split_towers
 from peftaudit.units import DTYPE_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,6 +98,7 @@ def build_report(model: ModelInfo, inventory: Inventory, notes: Sequence[str] = 
         tree=module_tree(inventory),
         published=_published(model.published_params, totals.total),
         notes=tuple(notes),
+        towers=split_towers(inventory),
     )
 
 

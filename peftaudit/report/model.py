@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from peftaudit._version import __version__
+from peftaudit.towers import Tower
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.memory.result import MemoryEstimate
@@ -141,6 +142,9 @@ class Report:
     """Memory estimates for the training plans asked for (``--method``, ``--compare``), if any."""
     findings: tuple[Finding, ...] = ()
     """Readiness findings (``--checks``), if asked for."""
+    towers: tuple[Tower, ...] = ()
+    """Vision-language models: parameters per tower, adding up to the total; empty for other models
+    (and then absent from the JSON, so text-only reports read as before)."""
     schema_version: int = SCHEMA_VERSION
     peftaudit_version: str = __version__
 
@@ -151,6 +155,8 @@ class Report:
         data["findings"] = [f.to_dict() for f in self.findings]
         ordered = {"schema_version": data.pop("schema_version"), "peftaudit_version": data.pop("peftaudit_version")}
         ordered.update(data)
+        if not self.towers:
+            del ordered["towers"]
         for row, obj in zip(ordered["layers"], self.layers, strict=True):
             row["params"] = obj.params
             row["per_block"] = obj.per_block
@@ -177,6 +183,10 @@ class Report:
             notes=tuple(data.get("notes", ())),
             estimates=_estimates_from(data.get("estimates", ())),
             findings=_findings_from(data.get("findings", ())),
+            towers=tuple(
+                Tower(name=t["name"], params=t["params"], trainable=t["trainable"], modules=tuple(t["modules"]))
+                for t in data.get("towers", ())
+            ),
             schema_version=int(data["schema_version"]),
             peftaudit_version=str(data["peftaudit_version"]),
         )

@@ -319,7 +319,56 @@ ITEM_16 = [
     ),
 ]
 
-CASES = [*ITEM_13, *ITEM_14, *ITEM_16]
+# Issue 13, images: llava-1.5-7b-hf's image is 336 px in 14 px patches, 24 x 24 = 576 tokens (its
+# config.json); ViT-B/16 and GPT-2 take no images per sample.
+LLAVA = ["report", "llava-hf/llava-1.5-7b-hf", "--method", "lora"]
+LLAVA_IMAGE_TOKENS = (336 // 14) ** 2
+ISSUE_13_IMAGES = [
+    Case("13.images-zero-tokens", [*LLAVA, "--image-tokens", "0"], stderr=r"image tokens must be a positive integer"),
+    Case("13.images-negative", [*LLAVA, "--images", "-1"], stderr=r"images must be a whole number >= 0, got -1"),
+    Case(
+        "13.image-size-zero",
+        ["report", "google/vit-base-patch16-224", "--method", "lora", "--image-size", "0"],
+        stderr=r"image size must be a positive integer, got 0",
+    ),
+    Case(
+        "13.image-size-negative",
+        ["report", "google/vit-base-patch16-224", "--method", "lora", "--image-size", "-8"],
+        stderr=r"image size must be a positive integer",
+    ),
+    Case(
+        "13.image-tokens-above-seq-len",
+        [*LLAVA, "--images", "4", "--seq-len", "2048"],
+        stderr=rf"4 image\(s\) x {LLAVA_IMAGE_TOKENS} tokens = {4 * LLAVA_IMAGE_TOKENS:,} tokens do not fit in seq-len",
+    ),
+    Case(
+        "13.image-tokens-override-above-seq-len",
+        [*LLAVA, "--images", "2", "--image-tokens", "1024", "--seq-len", "2048"],
+        stderr=r"2 image\(s\) x 1024 tokens do not fit in seq-len 2,048",
+    ),
+    Case(
+        "13.images-on-text-model",
+        ["report", "gpt2", "--method", "lora", "--images", "1"],
+        stderr=r"apply to multimodal models; GPT2LMHeadModel has no image inputs",
+    ),
+    Case(
+        "13.image-size-on-text-model",
+        ["report", "gpt2", "--method", "lora", "--image-size", "224"],
+        stderr=r"--image-size applies to vision models",
+    ),
+    Case(
+        "13.images-on-vision-model",
+        ["report", "google/vit-base-patch16-224", "--method", "lora", "--images", "2"],
+        stderr=r"is a vision model: its batch is images, set --image-size",
+    ),
+    Case(
+        "13.images-fit",
+        ["fit", "gpt2", "--gpu", "H100", "--images", "1"],
+        stderr=r"GPT2LMHeadModel has no image inputs",
+    ),
+]
+
+CASES = [*ITEM_13, *ITEM_14, *ITEM_16, *ISSUE_13_IMAGES]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -121,3 +121,25 @@ def build(name_or_config: str | dict[str, Any], dtype: str = "bfloat16") -> Any:
 def rel_err(value: float, reference: float) -> float:
     """How far ``value`` is from ``reference``, as a fraction (0.1 is 10 % high)."""
     return value / reference - 1.0
+
+
+#: Config keys that give a stack's depth (text decoders, GPT-2, T5's encoder and decoder).
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "n_layers")
+
+
+def reduced_config(config: dict[str, Any], depth: int) -> dict[str, Any]:
+    """``config`` with every stack cut to its first ``depth`` layers (per-layer lists cut too).
+
+    The copy a full-depth trace would be too slow for on two cores: the same layers, fewer of them.
+    """
+    out = dict(config)
+    full = next((out[k] for k in DEPTH_KEYS if isinstance(out.get(k), int)), None)
+    for key in DEPTH_KEYS:
+        if isinstance(out.get(key), int):
+            out[key] = min(out[key], depth)
+    for key, value in list(out.items()):
+        if isinstance(value, list) and full is not None and len(value) == full:
+            out[key] = value[:depth]  # layer_types, no_rope_layers, ...
+        elif isinstance(value, dict) and key.endswith("_config"):
+            out[key] = reduced_config(value, depth)
+    return out

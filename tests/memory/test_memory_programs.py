@@ -26,7 +26,8 @@ def _fresh_inventory(name: str) -> Any:
 
 def test_programs_are_registered_per_model_type() -> None:
     known = registered_programs()
-    assert known["llama"].name == known["qwen3_moe"].name == "llama"
+    assert known["llama"].name == known["qwen3"].name == "llama"
+    assert "qwen3_moe" not in known  # MoE blocks are derived from a trace of the real expert kernels
     assert known["gpt2"].name == "gpt2"
     assert known["bert"] is known["roberta"]
     assert known["bert"].causal is False and known["bert"].dropout == 0.1
@@ -39,16 +40,21 @@ def test_a_model_type_cannot_change_program() -> None:
     register_program(programs.llama.LLAMA, "llama")  # the same program again is fine
 
 
-def test_no_layer_program_falls_back_to_the_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_program_that_cannot_read_the_layers_gives_way_to_the_derived_profile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     inventory = _fresh_inventory("llama")
+    plan = TrainingPlan(method="lora", seq_len=128)
+    derived = estimate(inventory, plan, activations="derived")
     real = ModelLayout.linear
 
     def without_q(self: ModelLayout, layer: int | None, role: str) -> Any:
         return None if role == "attention.q" and type(self) is ModelLayout else real(self, layer, role)
 
     monkeypatch.setattr(ModelLayout, "linear", without_q)
-    e = estimate(inventory, TrainingPlan(method="lora"))
-    assert "approximate-activations" in [w.code for w in e.warnings]
+    e = estimate(_fresh_inventory("llama"), plan)
+    assert "approximate-activations" not in [w.code for w in e.warnings]
+    assert e.components == derived.components
     assert issubclass(NoLayerProgram, PlanError)
 
 

@@ -36,10 +36,13 @@ from peftaudit.memory.analytic.shape import ModelShape, shape_of
 from peftaudit.memory.analytic.static import Static, static_memory
 from peftaudit.memory.analytic.step import StepProfile, record_step, walk
 from peftaudit.memory.analytic.tape import CATEGORIES
+from peftaudit.memory.derived import DerivationError, derive
+from peftaudit.memory.derived.windows import regime
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 from peftaudit.memory.quantized import base_storage, resolve
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStorage, MemoryEstimate
+from peftaudit.memory.tracing.inputs import check_images, is_vision_model
 
 _PROFILES: dict[int, tuple[weakref.ref[Inventory], dict[tuple[Any, ...], Any]]] = {}
 
@@ -88,10 +91,12 @@ class _Prepared:
     base_storage: BaseStorage | None
 
 
-def _prepare(inventory: Inventory, plan: TrainingPlan) -> _Prepared:
+def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto") -> _Prepared:
     from peftaudit.plugins import memory_methods
 
-    key = _profile_key(plan)
+    # Past a sliding window the step builds the window's mask: the profile holds on one side of each.
+    beyond = regime(inventory.config or {}, plan.seq_len)
+    key = (*_profile_key(plan), beyond, activations)
     store = _cached(inventory, key)
     hit = store.get(key)
     if hit is not None:
@@ -102,9 +107,9 @@ def _prepare(inventory: Inventory, plan: TrainingPlan) -> _Prepared:
     resolved = resolve(inventory, plan, own)
     adaptation = resolved.adaptation
     block = main_block(inventory)
-    program, warnings = programs.program_for(inventory)
-    shape = shape_of(inventory, program)
-    warnings = warnings + list(resolved.warnings)
+    program = programs.lookup(inventory.model_type or "")
+    shape = shape_of(inventory, program or programs.STAND_IN)
+    warnings = list(resolved.warnings)
     layout = ModelLayout(inventory, plan, adaptation, shape, block, checkpoint=resolved.checkpoint)
     static = static_memory(inventory, plan, adaptation, layout)
     adapter_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else plan.adapter_dtype
@@ -138,20 +143,48 @@ def _prepare(inventory: Inventory, plan: TrainingPlan) -> _Prepared:
             training=plan.training,
         )
 
-    try:
-        profile = record(program, layout, shape)
-    except NoLayerProgram:
-        # A layout the program does not read (fused qkv_proj, encoder-decoder, other expert layouts):
-        # replay a Llama-shaped layer of the same size instead, and say so.
-        generic = replace(shape, experts=0, qk_norm=False)
-        synthetic = SyntheticLayout(inventory, plan, adaptation, generic, block, checkpoint=resolved.checkpoint)
-        profile = record(programs.STAND_IN, synthetic, generic)
-        if not any(w.code == "approximate-activations" for w in warnings):
+    profile: StepProfile | None = None
+    # Programs model causal attention without windows: past one, the step is derived.
+    if program is not None and activations != "derived" and not any(beyond):
+        try:
+            profile = record(program, layout, shape)
+        except NoLayerProgram:
+            # A layout the program does not read (fused qkv_proj, other expert layouts): derive it.
+            program = None
+    if profile is None:
+        try:
+            fields = {**dict(zip(_PROFILE_FIELDS, _profile_key(plan), strict=True)), "windows_reached": beyond}
+            derived = derive(inventory, plan, adaptation, fields)
+            profile = derived.profile
+            if plan.loss == "chunked":
+                # The trace runs transformers' own loss; a fused chunked loss is the tape's.
+                head = record(programs.STAND_IN, layout, shape).head
+                profile = replace(profile, head=head)
+            if derived.attention != plan.attention:
+                warnings.append(
+                    PlanWarning(
+                        "attention-unsupported",
+                        f"transformers does not run {inventory.architecture} with {plan.attention} attention: "
+                        f"activations are those of {derived.attention} attention, which it trains with",
+                    )
+                )
+        except DerivationError as exc:
+            # Even the trace cannot run it (remote code not trusted, an operation fake tensors lack):
+            # replay a Llama-shaped layer of the same size instead, and say why.
+            generic = replace(shape, qk_norm=False)
+            synthetic = SyntheticLayout(inventory, plan, adaptation, generic, block, checkpoint=resolved.checkpoint)
+            try:
+                profile = record(programs.STAND_IN, synthetic, generic)
+            except Exception as stand_in:  # a stand-in that cannot apply (a vision model has no output head)
+                raise PlanError(
+                    f"{inventory.architecture}: no activation estimate: its step could not be traced ({exc}) "
+                    f"and a Llama-shaped stand-in does not apply ({stand_in})"
+                ) from None
             warnings.append(
                 PlanWarning(
                     "approximate-activations",
-                    f"no layer program reads this {inventory.architecture}'s layers: activations use a "
-                    "Llama-shaped layer of the same size",
+                    f"activations of this {inventory.architecture} use a Llama-shaped layer of the same size: "
+                    f"its step could not be traced ({exc})",
                 )
             )
     warnings = warnings + _warnings(inventory, plan, adaptation)
@@ -176,14 +209,11 @@ def _layer_signatures(layout: ModelLayout, ids: list[int]) -> dict[int, Any]:
     roles = sorted({role for (layer, role) in layout._roles if layer is not None})
     sig: dict[int, Any] = {}
     for i in ids:
-        specs = tuple(_spec_key(layout.linear(i, r)) for r in (*roles, "router"))
+        specs = tuple(_spec_key(layout.linear(i, r)) for r in roles)
         weights = tuple(
             layout.weight(i, r) for r in ("input_norm", "post_norm", "ln_1", "ln_2", "attention_norm", "output_norm")
         )
-        experts: tuple[Any, ...] = ()
-        if layout.shape.experts:
-            experts = tuple(layout.expert_weight(i, n) for n in ("gate_up_proj", "down_proj"))
-        sig[i] = (specs, weights, experts)
+        sig[i] = (specs, weights)
     return sig
 
 
@@ -198,7 +228,8 @@ def _plan_warnings(inventory: Inventory, plan: TrainingPlan) -> list[PlanWarning
     """Warnings that depend on the fields not cached with the recorded step (scale-out, sequence)."""
     out: list[PlanWarning] = []
     context = inventory.dims.max_position_embeddings
-    if context and plan.seq_len > context:
+    # A vision model's batch is images: seq-len does not apply (CLIP's 77 text positions are its own).
+    if context and plan.seq_len > context and not is_vision_model(inventory.config or {}):
         out.append(
             PlanWarning(
                 "seq-len-exceeds-max-positions",
@@ -261,18 +292,25 @@ def _rank_warnings(adaptation: Adaptation) -> list[PlanWarning]:
     ]
 
 
-def estimate(inventory: Inventory, plan: TrainingPlan | None = None) -> MemoryEstimate:
-    """Estimate the peak GPU memory of one training step of ``inventory`` under ``plan``."""
+def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activations: str = "auto") -> MemoryEstimate:
+    """Estimate the peak GPU memory of one training step of ``inventory`` under ``plan``.
+
+    ``activations``: ``"auto"`` replays the layer program registered for the model's type
+    (:mod:`peftaudit.memory.analytic.programs`) and, for any other model, a step profile
+    derived from traces of a depth-reduced copy (:mod:`peftaudit.memory.derived`);
+    ``"derived"`` derives it for every model (how the hand-written programs are checked).
+    """
+    if activations not in ("auto", "derived"):
+        raise ValueError(f"activations must be 'auto' or 'derived', not {activations!r}")
     plan = plan or TrainingPlan()
     plan.validate()
-    prepared = _prepare(inventory, plan)
+    check_images(inventory.config or {}, plan, inventory.architecture)
+    prepared = _prepare(inventory, plan, activations)
     adaptation, layout, static, profile = prepared.adaptation, prepared.layout, prepared.static, prepared.profile
     warnings, total_params = prepared.warnings, prepared.total_params
     virtual = adaptation.virtual_tokens
     seq = plan.seq_len + virtual
-    tokens = float(plan.batch_size * seq)
-    tokens_seq = tokens * seq
-    result = walk(profile, tokens, tokens_seq, backward=plan.training)
+    result = walk(profile, plan.batch_size, seq, backward=plan.training)
     shard = sharding.per_gpu(plan, static, layout)
     cat = {name: i for i, name in enumerate(CATEGORIES)}
 

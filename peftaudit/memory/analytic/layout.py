@@ -58,8 +58,8 @@ class NoLayerProgram(PlanError):
     """The program asked for a layer this model does not have: it does not read this model's layers.
 
     Raised while a step is recorded (a missing ``q_proj``, a fused ``qkv_proj``,
-    experts in another layout); the estimate then replays a Llama-shaped stand-in
-    layer instead and says so with an ``approximate-activations`` warning.
+    experts in another layout); the estimate then derives the step from a trace
+    instead (:mod:`peftaudit.memory.derived`).
     """
 
 
@@ -79,10 +79,6 @@ class Layout:
         raise NotImplementedError
 
     def weight(self, layer: int | None, role: str) -> Weight:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def expert_weight(self, layer: int, name: str) -> tuple[Weight, int | None]:  # pragma: no cover
-        """A fused expert parameter (``gate_up_proj``/``down_proj``) and its LoRA rank, if adapted."""
         raise NotImplementedError
 
     def activation_dtype(self) -> str:  # pragma: no cover - interface
@@ -105,7 +101,6 @@ class ModelLayout(Layout):
     _params: dict[str, ParameterRecord] = field(default_factory=dict)
     _roles: dict[tuple[int | None, str], str] = field(default_factory=dict)
     _adapters: dict[str, ModuleAdapter] = field(default_factory=dict)
-    _param_adapters: dict[str, ModuleAdapter] = field(default_factory=dict)
     _saved: set[str] = field(default_factory=set)
     _quantizable: set[str] = field(default_factory=set)
     _formats: dict[str, WeightFormat] = field(default_factory=dict)
@@ -119,8 +114,6 @@ class ModelLayout(Layout):
         for a in self.adaptation.adapters:
             if a.parameter is None:
                 self._adapters[a.path] = a
-            else:
-                self._param_adapters[f"{a.path}.{a.parameter}"] = a
         self._saved = {s.path for s in self.adaptation.saved}
         head = inv.output_head
         self._head = head
@@ -129,17 +122,18 @@ class ModelLayout(Layout):
             self._formats = self.checkpoint.formats(inv)
             self._quantizable = set(self._formats)
         else:
-            # Plan-driven quantization (QLoRA): what bitsandbytes converts by default.
+            # Plan-driven quantization (QLoRA): what bitsandbytes converts by default. transformers'
+            # replace_with_bnb_linear takes `type(module) is nn.Linear` or Conv1D: subclasses of
+            # nn.Linear (Falcon's FalconLinear) stay in the model's dtype.
             for m in inv.modules:
-                if m.is_linear and m.path and m.path != head and not self._is_tied(m.path):
+                bnb_converts = m.type in ("Linear", "Conv1D")
+                if bnb_converts and m.is_linear and m.path and m.path != head and not self._is_tied(m.path):
                     self._quantizable.add(m.path)
         for m in inv.modules:
             if not m.path or m.layer is None or not m.path.startswith(self.block + "."):
                 continue
-            local = m.path[len(self.block) + 1 :].split(".", 1)[1] if "." in m.path[len(self.block) + 1 :] else ""
-            role = _role_for(local, m)
-            if role is not None:
-                self._roles.setdefault((m.layer, role), m.path)
+            if m.is_linear and m.role is not None:  # the architecture rules' role is the program's
+                self._roles.setdefault((m.layer, str(m.role)), m.path)
         if head is not None:
             self._roles[(None, "output_head")] = head
         for name in ("cls.predictions.transform.dense", "lm_head.dense"):  # BERT, RoBERTa MLM heads
@@ -153,11 +147,7 @@ class ModelLayout(Layout):
 
     def linear(self, layer: int | None, role: str) -> LinearSpec | None:
         path = self._roles.get((layer, role))
-        if path is None:
-            if role == "router":
-                return self._router(layer)
-            return None
-        return self.spec_for(path)
+        return None if path is None else self.spec_for(path)
 
     def spec_for(self, path: str) -> LinearSpec:
         """The spec of the linear module at ``path`` under this plan and method."""
@@ -198,27 +188,7 @@ class ModelLayout(Layout):
                 return self._weight_of(p)
         return self._weight_of(None)
 
-    def expert_weight(self, layer: int, name: str) -> tuple[Weight, int | None]:
-        path = f"{self.block}.{layer}.mlp.experts.{name}"
-        p = self._params.get(path)
-        if p is None:
-            raise NoLayerProgram(f"expected fused expert weight '{path}'")
-        a = self._param_adapters.get(path)
-        return self._weight_of(p), (a.params if a is not None else None)
-
     # --- helpers -------------------------------------------------------------------------------------
-    def _router(self, layer: int | None) -> LinearSpec | None:
-        path = f"{self.block}.{layer}.mlp.gate.weight"
-        p = self._params.get(path)
-        if p is None:
-            return None
-        a = self._param_adapters.get(path)
-        trainable = p.name in self.adaptation.trainable
-        adapter = ModuleAdapter(p.module, "param", a.rank, a.in_features, a.out_features) if a else None
-        return LinearSpec(
-            p.shape[1], p.shape[0], False, "dense", self._dense_dtype(trainable), trainable, False, adapter
-        )
-
     def _find_suffix(self, name: str) -> ParameterRecord | None:
         if name in self._params:
             return self._params[name]
@@ -252,7 +222,7 @@ class ModelLayout(Layout):
 
 @dataclass
 class SyntheticLayout(ModelLayout):
-    """A Llama-shaped stand-in for layers no program understands (``approximate-activations``).
+    """A Llama-shaped stand-in for layers no program reads and no trace can run (``approximate-activations``).
 
     Each role (q, k, v, o, gate, up, down) is a linear layer sized from the
     config's dimensions; whether it trains, carries an adapter (of the layer's
@@ -297,26 +267,6 @@ class SyntheticLayout(ModelLayout):
         dtype = real[0].dtype if real else self._dense_dtype(trainable)
         weight = quantized[0] if quantized and not trainable else "dense"
         return LinearSpec(in_f, out_f, False, weight, dtype, trainable, False, adapter)
-
-
-def _role_for(local: str, module: ModuleRecord) -> str | None:
-    """The program role of a module from its path inside the layer (then its inventory role)."""
-    if not module.is_linear:
-        return None
-    leaf = local.rpartition(".")[2]
-    if "shared_expert" in local:
-        if local.endswith("shared_expert_gate"):
-            return "shared_expert_gate"
-        part = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}.get(leaf)
-        return f"shared_expert.{part}" if part else None
-    role = str(module.role) if module.role is not None else None
-    if role in ("attention.q", "attention.k", "attention.v", "attention.o", "attention.qkv"):
-        return role
-    if role in ("mlp.gate", "mlp.up", "mlp.down"):
-        return role
-    if leaf == "gate" and local.endswith("mlp.gate"):
-        return "router"
-    return role
 
 
 def main_block(inventory: Inventory) -> str:

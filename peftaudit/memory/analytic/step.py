@@ -31,6 +31,7 @@ from peftaudit.memory.analytic.tape import (
     Footprint,
     Tape,
     Tensor,
+    basis,
     per_token,
 )
 
@@ -197,7 +198,7 @@ def _finish(tp: Tape, outputs: list[Tensor], accumulate: bool) -> Segment:
     return Segment(forward.compile(), bw.compile(), saved.compile())
 
 
-def walk(profile: StepProfile, tokens: float, tokens_seq: float, *, backward: bool) -> Walk:
+def walk(profile: StepProfile, batch: float, seq: float, *, backward: bool) -> Walk:
     """Compose the segments: peak above the static base in forward and backward, per category.
 
     Runs of identical layers are composed in one step: live memory changes by
@@ -205,6 +206,7 @@ def walk(profile: StepProfile, tokens: float, tokens_seq: float, *, backward: bo
     its last layer.
     """
     result = Walk()
+    terms = basis(batch, seq)
     segments = [profile.embed, *profile.layers, profile.head]
     runs: list[tuple[Segment, int]] = []
     for seg in segments:
@@ -216,9 +218,9 @@ def walk(profile: StepProfile, tokens: float, tokens_seq: float, *, backward: bo
     for seg, _ in runs:
         if id(seg) not in evaluated:
             evaluated[id(seg)] = (
-                seg.forward.evaluate(tokens, tokens_seq),
-                seg.backward.evaluate(tokens, tokens_seq),
-                seg.saved.evaluate(tokens, tokens_seq).end_total,
+                seg.forward.evaluate(terms),
+                seg.backward.evaluate(terms),
+                seg.saved.evaluate(terms).end_total,
             )
     live = [0.0] * N
     best = _compose([(evaluated[id(seg)][0], n) for seg, n in runs], live)

@@ -33,6 +33,16 @@ Lin = tuple[float, float, float]
 
 ZERO: Lin = (0.0, 0.0, 0.0)
 
+#: Terms a compiled size may have: a tape's three (tokens, tokens x seq_len, 1), then the terms a
+#: size derived from a trace can also have: per sequence (batch), and per position or position
+#: pair shared by the batch (seq_len, seq_len squared: a (1, heads, seq, seq) position bias).
+TERMS: tuple[str, ...] = ("tokens", "tokens_seq", "one", "batch", "seq", "seq_seq")
+
+
+def basis(batch: float, seq: float) -> np.ndarray:
+    """The values of :data:`TERMS` for a micro-batch of ``batch`` sequences of ``seq`` tokens."""
+    return np.array([batch * seq, batch * seq * seq, 1.0, batch, seq, seq * seq])
+
 
 def _caller() -> str:
     import sys
@@ -147,9 +157,9 @@ class Events:
 
     def compile(self) -> CompiledEvents:
         n = len(self.rows)
-        coeffs = np.zeros((max(n, 1), len(CATEGORIES), 3))
+        coeffs = np.zeros((max(n, 1), len(CATEGORIES), len(TERMS)))
         for i, (cat, size) in enumerate(self.rows):
-            coeffs[i, cat] = size
+            coeffs[i, cat, :3] = size
         return CompiledEvents.of(coeffs, tuple(self.labels))
 
 
@@ -178,9 +188,9 @@ class CompiledEvents:
     """
 
     running: np.ndarray
-    """(events, categories, 3) running totals as linear forms."""
+    """(events, categories, terms) running totals as linear forms over :data:`TERMS`."""
     totals: np.ndarray
-    """(events, 3): running total over all categories."""
+    """(events, terms): running total over all categories."""
     labels: tuple[str, ...] = ()
 
     @classmethod
@@ -188,13 +198,15 @@ class CompiledEvents:
         running = np.cumsum(coeffs, axis=0)
         return cls(running, running.sum(axis=1), labels)
 
-    def evaluate(self, tokens: float, tokens_seq: float) -> Footprint:
-        """Running totals relative to the start: the highest point and the end."""
-        basis = np.array([tokens, tokens_seq, 1.0])
-        totals = self.totals @ basis
+    def evaluate(self, terms: np.ndarray) -> Footprint:
+        """Running totals relative to the start: the highest point and the end.
+
+        ``terms``: the values of :data:`TERMS` (:func:`basis`).
+        """
+        totals = self.totals @ terms
         i = int(np.argmax(totals))
-        peak = self.running[i] @ basis if totals[i] > 0 else np.zeros(len(CATEGORIES))
-        end = self.running[-1] @ basis
+        peak = self.running[i] @ terms if totals[i] > 0 else np.zeros(len(CATEGORIES))
+        end = self.running[-1] @ terms
         return Footprint(tuple(peak.tolist()), tuple(end.tolist()))
 
 

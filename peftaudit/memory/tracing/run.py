@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from peftaudit.memory.plan import TrainingPlan
 from peftaudit.memory.tracing.autocast import AUTOCAST, autocast_mode
+from peftaudit.memory.tracing.inputs import placeholder_checks_off, step_inputs
 from peftaudit.memory.tracing.model import decoder_layers, materialize, output_module, prepare_model, unique_params
 from peftaudit.memory.tracing.optimizer import optimizer_for
 from peftaudit.memory.tracing.standins import stand_ins
-from peftaudit.memory.tracing.tracker import Tracker, dispatch_mode
+from peftaudit.memory.tracing.tracker import EventLog, Tracker, dispatch_mode
 
 
 @dataclass
@@ -29,24 +30,42 @@ class TraceResult:
     seconds: float
     ops: int
     notes: list[str] = field(default_factory=list)
+    events: EventLog | None = None
+    """Every allocation and free in order, when the trace was asked to watch layers (``layers=``)."""
 
 
 def run_trace(
-    model: Any, plan: TrainingPlan, *, steps: int = 2, loss_fn: Callable[[Any], Any] | None = None
+    model: Any,
+    plan: TrainingPlan,
+    *,
+    steps: int = 2,
+    loss_fn: Callable[[Any], Any] | None = None,
+    layers: Sequence[tuple[str, Any]] | None = None,
 ) -> TraceResult:
     """The trace itself (see :func:`trace`), returning the raw result.
 
     ``loss_fn(model)`` replaces the language-model step (token ids in, ``.loss`` out) for models
     that take other inputs: it builds its inputs (under fake tensors) and returns the loss.
+
+    ``layers``: ``(label, module)`` for every repeated layer to watch, in any order; the result
+    then carries the step's :class:`~peftaudit.memory.tracing.tracker.EventLog` with marks where
+    each layer's forward starts (``L:label``) and ends (``E:label``), where its backward starts
+    (``G:label``, the gradient of its output is ready) and where the gradient of its input is
+    ready (``I:label``). By default the longest stack of identical layers is watched, unlogged.
     """
 
     started = time.perf_counter()
     with _quiet():
-        return _run(model, plan, steps, started, loss_fn)
+        return _run(model, plan, steps, started, loss_fn, layers)
 
 
 def _run(
-    model: Any, plan: TrainingPlan, steps: int, started: float, loss_fn: Callable[[Any], Any] | None = None
+    model: Any,
+    plan: TrainingPlan,
+    steps: int,
+    started: float,
+    loss_fn: Callable[[Any], Any] | None = None,
+    watched: Sequence[tuple[str, Any]] | None = None,
 ) -> TraceResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -54,15 +73,20 @@ def _run(
     model, extras, notes = prepare_model(model, plan)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     storage_cats = materialize(model, mode, extras)
-    tracker = Tracker()
+    tracker = Tracker(log=watched is not None)
     param_storages = set(storage_cats)
     params = [p for p in unique_params(model) if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    layers = decoder_layers(model)
+    layers = decoder_layers(model) if watched is None else [m for _, m in watched]
+    labels = [str(i) for i in range(len(layers))] if watched is None else [label for label, _ in watched]
     hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda _m, _a, i=i: _enter_layer(tracker, i)))
-        hooks.append(layer.register_forward_hook(lambda _m, _a, _o: _leave_layer(tracker)))
+    for i, (label, layer) in enumerate(zip(labels, layers, strict=True)):
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda _m, a, k, i=i, label=label: _enter_layer(tracker, i, label, a, k), with_kwargs=True
+            )
+        )
+        hooks.append(layer.register_forward_hook(lambda _m, _a, o, label=label: _leave_layer(tracker, label, o)))
     head = output_module(model)
     if head is not None:
         hooks.append(head.register_forward_pre_hook(lambda _m, _a: _enter_head(tracker)))
@@ -71,9 +95,11 @@ def _run(
             p.register_post_accumulate_grad_hook(lambda q: tracker.retag(q.grad.untyped_storage(), "gradients"))
         )
     model.train(plan.training)
-    vocab_inputs = _inputs_factory(model, plan) if loss_fn is None else dict
+    # Token ids for language models; images for vision and multimodal models (tracing/inputs.py).
+    step_in = step_inputs(model, plan)
+    vocab_inputs = step_in.make if loss_fn is None else dict
     per_layer: tuple[int, ...] = ()
-    with mode, stand_ins(plan):
+    with mode, stand_ins(plan), placeholder_checks_off():
         for p in unique_params(model):
             tracker.track(p.untyped_storage(), storage_cats.get(id(p.untyped_storage()), "base_weights"))
         for b in model.buffers():
@@ -88,9 +114,12 @@ def _run(
                 for _micro in range(plan.gradient_accumulation if plan.training else 1):
                     inputs = vocab_inputs()
                     tracker.phase, tracker.category = "forward", "activations"
+                    tracker.mark("forward")
+                    if loss_fn is None:
+                        inputs.update(step_in.images())
                     AUTOCAST["enabled"] = plan.autocast
                     if plan.training:
-                        loss = loss_fn(model) if loss_fn is not None else model(**inputs).loss
+                        loss = loss_fn(model) if loss_fn is not None else step_in.loss(model(**inputs))
                     else:
                         with torch.no_grad():
                             model(**inputs)
@@ -101,11 +130,14 @@ def _run(
                     per_layer = tuple(tracker.by_layer[i] for i in range(len(layers)))
                     del inputs
                     if loss is None:
+                        tracker.mark("end")
                         break
                     tracker.phase, tracker.category = "backward", "temporaries"
                     # Checkpointed layers recompute under autocast, as torch.utils.checkpoint restores it.
                     AUTOCAST["enabled"] = plan.autocast and plan.gradient_checkpointing
+                    tracker.mark("backward")
                     loss.backward()
+                    tracker.mark("end")
                     AUTOCAST["enabled"] = False
                     AUTOCAST["cache"] = {}
                     del loss
@@ -123,6 +155,7 @@ def _run(
     seconds = time.perf_counter() - started
     comps = {k: max(0, int(v)) for k, v in tracker.peak_cats.items()}
     return TraceResult(
+        events=tracker.log,
         peak_bytes=tracker.peak,
         components=comps,
         peak_phase=tracker.peak_phase,
@@ -135,49 +168,45 @@ def _run(
     )
 
 
-def _enter_layer(tracker: Tracker, i: int) -> None:
+def _enter_layer(tracker: Tracker, i: int, label: str, args: Any, kwargs: Any) -> None:
     if tracker.phase == "forward":
         tracker.layer = i
         tracker.category = "activations"
+        if tracker.log is not None:
+            tracker.mark(f"L:{label}")
+            _mark_gradient(tracker, f"I:{label}", (*args, kwargs.get("hidden_states"), *kwargs.values()))
     elif tracker.phase == "backward":
         # Gradient checkpointing recomputes the layer: those tensors are activations again.
         tracker.category = "activations"
         AUTOCAST["cache"] = {}
 
 
-def _leave_layer(tracker: Tracker) -> None:
+def _leave_layer(tracker: Tracker, label: str, output: Any) -> None:
     if tracker.phase == "forward":
         tracker.layer = None
+        if tracker.log is not None:
+            tracker.mark(f"E:{label}")
+            _mark_gradient(tracker, f"G:{label}", output if isinstance(output, tuple) else (output,))
     elif tracker.phase == "backward":
         tracker.category = "temporaries"
+
+
+def _mark_gradient(tracker: Tracker, label: str, candidates: Sequence[Any]) -> None:
+    """Mark the event log when the gradient of the first tensor in ``candidates`` that needs one is ready."""
+    import torch
+
+    for t in candidates:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            # A hook on a non-leaf tensor runs when its gradient is complete, just before its
+            # grad_fn: where the backward of the layer that made it begins.
+            t.register_hook(lambda _g: tracker.mark(label))
+            return
 
 
 def _enter_head(tracker: Tracker) -> None:
     if tracker.phase == "forward":
         tracker.layer = None
         tracker.category = "logits_and_loss"
-
-
-def _inputs_factory(model: Any, plan: TrainingPlan) -> Callable[[], dict[str, Any]]:
-    import torch
-
-    # Training scripts turn the KV cache off (it would keep a copy of every layer's keys and values
-    # through the forward pass for nothing); models without the flag do not take it.
-    takes_cache = "use_cache" in getattr(getattr(model, "config", None), "to_dict", lambda: {})()
-
-    # Sequence classifiers take one label per sequence, language models one per token.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    per_sequence = type(base).__name__.endswith("ForSequenceClassification")
-
-    def make() -> dict[str, Any]:
-        ids = torch.zeros(plan.batch_size, plan.seq_len, dtype=torch.long)
-        labels = torch.zeros(plan.batch_size, dtype=torch.long) if per_sequence else ids
-        inputs: dict[str, Any] = {"input_ids": ids, "labels": labels}
-        if takes_cache:
-            inputs["use_cache"] = False
-        return inputs
-
-    return make
 
 
 @contextlib.contextmanager

@@ -1,10 +1,33 @@
-"""Storage tracking: live bytes by category, the global peak and what was alive at it."""
+"""Storage tracking: live bytes by category, the global peak and what was alive at it.
+
+With ``log=True`` the tracker also keeps every allocation and free in order, with
+marks where layers begin and end (:class:`EventLog`): what a derived layer profile
+is fitted from (:mod:`peftaudit.memory.derived`).
+"""
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass
+class EventLog:
+    """Every allocation (``+bytes``) and free (``-bytes``) of a traced step, in order, with marks.
+
+    ``rows`` holds ``(serial, bytes)`` for a storage's allocation or free and ``(label, 0)`` for
+    a mark (a string: where a layer starts or ends, or a phase). ``categories`` maps a storage's
+    serial to its final category (gradients are re-tagged after their allocation).
+    ``in_place`` lists ``(new, a, b)``: an out-of-place gradient accumulation (fake tensors add a
+    second gradient out of place, real tensors in place) whose new buffer stands for ``a`` or ``b``.
+    """
+
+    rows: list[tuple[int | str, int]] = field(default_factory=list)
+    categories: dict[int, str] = field(default_factory=dict)
+    in_place: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class Tracker:
@@ -15,8 +38,8 @@ class Tracker:
     moment the last tensor goes.
     """
 
-    def __init__(self) -> None:
-        self.live: dict[int, tuple[Any, int, str, int | None]] = {}
+    def __init__(self, *, log: bool = False) -> None:
+        self.live: dict[int, tuple[Any, int, str, int | None, int]] = {}
         self.by_cat: Counter[str] = Counter()
         self.by_layer: Counter[int] = Counter()
         self.current = 0
@@ -28,6 +51,18 @@ class Tracker:
         self.layer: int | None = None
         self.phase_peaks: dict[str, int] = {}
         self.ops = 0
+        self.log: EventLog | None = EventLog() if log else None
+        self._serials = itertools.count()
+
+    def mark(self, label: str) -> None:
+        """Note a point in the step (a layer starts or ends) in the event log, if one is kept."""
+        if self.log is not None:
+            self.log.rows.append((label, 0))
+
+    def serial(self, storage: Any) -> int | None:
+        """The serial of a live tracked storage."""
+        entry = self.live.get(id(storage))
+        return entry[4] if entry is not None else None
 
     def track(self, storage: Any, category: str | None = None, layer: int | None = None, *, peak: bool = True) -> None:
         key = id(storage)
@@ -36,6 +71,8 @@ class Tracker:
         nbytes = int(storage.nbytes())
         cat = category or self.category
         lay = layer if layer is not None else self.layer
+        serial = next(self._serials)
+        log = self.log
 
         def gone(_ref: Any, key: int = key) -> None:
             entry = self.live.pop(key, None)
@@ -44,8 +81,13 @@ class Tracker:
                 self.by_cat[entry[2]] -= entry[1]
                 if entry[3] is not None:
                     self.by_layer[entry[3]] -= entry[1]
+                if log is not None:
+                    log.rows.append((entry[4], -entry[1]))
 
-        self.live[key] = (weakref.ref(storage, gone), nbytes, cat, lay)
+        self.live[key] = (weakref.ref(storage, gone), nbytes, cat, lay, serial)
+        if log is not None:
+            log.rows.append((serial, nbytes))
+            log.categories[serial] = cat
         self.current += nbytes
         self.by_cat[cat] += nbytes
         if lay is not None:
@@ -66,7 +108,9 @@ class Tracker:
             return
         self.by_cat[entry[2]] -= entry[1]
         self.by_cat[category] += entry[1]
-        self.live[key] = (entry[0], entry[1], category, None)
+        self.live[key] = (entry[0], entry[1], category, None, entry[4])
+        if self.log is not None:
+            self.log.categories[entry[4]] = category
         if entry[3] is not None:
             self.by_layer[entry[3]] -= entry[1]
 
@@ -106,6 +150,10 @@ def dispatch_mode(tracker: Tracker, param_storages: set[int]) -> Any:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     tracker.track(t.untyped_storage(), category, peak=not accumulating)
+            if accumulating and tracker.log is not None:
+                new, a, b = (tracker.serial(t.untyped_storage()) for t in (out, *args))
+                if new is not None and a is not None and b is not None:
+                    tracker.log.in_place.append((new, a, b))
             return out
 
     return Watch()

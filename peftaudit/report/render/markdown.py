@@ -43,6 +43,14 @@ class MarkdownRenderer:
                 f"| Active per token | {count(report.moe.active_params)} "
                 f"({report.moe.experts_per_token} of {report.moe.num_experts} experts) |"
             )
+        if report.towers:
+            from peftaudit.towers import TOWER_LABELS
+
+            lines += ["", "| Tower | Parameters | Share | Modules |", "|---|--:|--:|---|"]
+            for tower in report.towers:
+                modules = ", ".join(f"`{m}`" for m in tower.modules)
+                label = TOWER_LABELS.get(tower.name, tower.name)
+                lines.append(f"| {label} | {count(tower.params)} | {percent(tower.params, p.total)} | {modules} |")
         lines += ["", "| Layer | Type | Weights | Biases | Repeat |", "|---|---|--:|--:|--:|"]
         for row in report.layers:
             if row.tied_to:

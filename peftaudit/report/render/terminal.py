@@ -37,6 +37,8 @@ class TerminalRenderer:
             emoji=False,
         )
         _summary(console, report)
+        if report.towers:
+            _towers(console, report)
         _layers(console, report)
         _kinds(console, report)
         if options.tree and report.tree is not None:
@@ -100,6 +102,23 @@ def _origin(report: Report) -> str:
         return "bundled catalog (offline; --online for the hub's current config)"
     revision = f" @ {m.revision}" if m.revision else ""
     return f"{m.source}{revision}: {m.origin}"
+
+
+def _towers(console: Console, report: Report) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from peftaudit.towers import TOWER_LABELS
+
+    table = Table(title="Parameters per tower", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("Tower", no_wrap=True)
+    table.add_column("Parameters", justify="right", no_wrap=True)
+    table.add_column("Share", justify="right", no_wrap=True)
+    table.add_column("Modules", overflow="fold")
+    for tower in report.towers:
+        label = TOWER_LABELS.get(tower.name, tower.name)
+        table.add_row(label, count(tower.params), percent(tower.params, report.params.total), ", ".join(tower.modules))
+    console.print(table)
 
 
 def _layers(console: Console, report: Report) -> None:

@@ -11,13 +11,12 @@ line by line, so what it keeps for backward can be read next to the real source:
 * :mod:`.bert`: ``BertLayer`` and the MLM head (BERT, RoBERTa).
 
 Each module registers the ``model_type`` values it reads
-(:func:`~peftaudit.memory.analytic.programs.registry.register_program`); a new
-architecture is one more module imported here.
+(:func:`~peftaudit.memory.analytic.programs.registry.register_program`). Every
+other model's step is derived from a trace (:mod:`peftaudit.memory.derived`);
+programs are kept where they exist because they need no trace at all.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from peftaudit.memory.analytic.layout import NoLayerProgram
 from peftaudit.memory.analytic.programs import bert, gpt2, llama
@@ -27,26 +26,10 @@ from peftaudit.memory.analytic.programs.registry import (
     register_program,
     registered_programs,
 )
-from peftaudit.memory.plan import PlanWarning
 
-if TYPE_CHECKING:  # pragma: no cover
-    from peftaudit.inventory import Inventory
-
-#: The program that stands in for layers no registered program reads, at their own sizes.
+#: The program that stands in, at the model's own sizes, for layers that neither a registered
+#: program reads nor a trace can run (:mod:`peftaudit.memory.derived`).
 STAND_IN: LayerProgram = llama.LLAMA
-
-
-def program_for(inventory: Inventory) -> tuple[LayerProgram, list[PlanWarning]]:
-    """The program registered for the model's type, or :data:`STAND_IN` with a warning that says so."""
-    model_type = inventory.model_type or ""
-    program = lookup(model_type)
-    if program is not None:
-        return program, []
-    warning = PlanWarning(
-        "approximate-activations",
-        f"no layer program for model type '{model_type}': activations use the Llama program with its sizes",
-    )
-    return STAND_IN, [warning]
 
 
 __all__ = [
@@ -57,7 +40,6 @@ __all__ = [
     "gpt2",
     "llama",
     "lookup",
-    "program_for",
     "register_program",
     "registered_programs",
 ]

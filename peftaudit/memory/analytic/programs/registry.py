@@ -8,9 +8,8 @@ edit to a chain of ``if model_type == ...``::
 
     register_program(LLAMA, "llama", "mistral", "qwen2")
 
-A model type no program is registered for is replayed with Llama's program at
-its own sizes, with an ``approximate-activations`` warning
-(:func:`peftaudit.memory.analytic.programs.program_for`).
+A model type no program is registered for gets a step profile derived from a
+trace of the model itself (:mod:`peftaudit.memory.derived`).
 """
 
 from __future__ import annotations
