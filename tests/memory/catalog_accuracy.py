@@ -33,9 +33,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     "full-zero3-8": {"method": "full"},
 }
 
-#: Model types whose estimate needs inputs the trace does not build yet (images), or whose
-#: text-only step transformers cannot run (Mllama's cross-attention layers want image states).
-NOT_TEXT = {"vit", "convnext", "dinov2", "clip", "mllama"}
+#: Vision models: their step takes images only (tests/memory/test_memory_images.py checks them).
+NOT_TEXT = {"vit", "convnext", "dinov2", "clip"}
 
 
 @dataclass(frozen=True)

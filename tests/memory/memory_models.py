@@ -123,8 +123,9 @@ def rel_err(value: float, reference: float) -> float:
     return value / reference - 1.0
 
 
-#: Config keys that give a stack's depth (text decoders, GPT-2, T5's encoder and decoder).
-DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "n_layers")
+#: Config keys that give a stack's depth (text decoders, GPT-2, T5's encoder and decoder, Mllama's
+#: global vision layers).
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "n_layers", "num_global_layers")
 
 
 def reduced_config(config: dict[str, Any], depth: int) -> dict[str, Any]:
@@ -138,7 +139,12 @@ def reduced_config(config: dict[str, Any], depth: int) -> dict[str, Any]:
         if isinstance(out.get(key), int):
             out[key] = min(out[key], depth)
     for key, value in list(out.items()):
-        if isinstance(value, list) and full is not None and len(value) == full:
+        if key == "cross_attention_layers" and isinstance(value, list):
+            out[key] = [i for i in value if i < depth]  # Mllama: the cross-attention layers the copy has
+        elif key == "intermediate_layers_indices" and isinstance(value, list):
+            # Mllama's vision model stacks these layers' outputs (vision_output_dim counts them): as many.
+            out[key] = [min(i, depth - 1) for i in value]
+        elif isinstance(value, list) and full is not None and len(value) == full:
             out[key] = value[:depth]  # layer_types, no_rope_layers, ...
         elif isinstance(value, dict) and key.endswith("_config"):
             out[key] = reduced_config(value, depth)

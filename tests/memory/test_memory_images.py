@@ -123,6 +123,73 @@ def test_images_add_the_vision_activations_the_trace_sees(name: str, seq: int, p
     assert abs((image_est - text_est) - (image_trace - text_trace)) <= 0.15 * (image_trace - text_trace)
 
 
+def mllama(depth: int = 6) -> dict[str, Any]:
+    """Llama 3.2 11B Vision cut to ``depth`` text and vision layers, two global vision layers.
+
+    Its layer-index lists are cut with it (:func:`memory_models.reduced_config`): text layer 3 stays
+    a cross-attention layer (so the derivation's copy keeps it at position 2, where the full model
+    has it at 3), and the vision model still stacks five layer outputs (``vision_output_dim`` is
+    6 x 1280).
+    """
+    from memory_models import reduced_config
+
+    config = reduced_config(catalog("meta-llama__Llama-3.2-11B-Vision"), depth)
+    text, vision = config["text_config"], config["vision_config"]
+    text["num_hidden_layers"] = vision["num_hidden_layers"] = depth
+    vision["num_global_layers"] = 2
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", [LORA, QLORA], ids=["lora", "qlora-ckpt"])
+def test_mllama_cross_attention_images_match_the_trace(plan: TrainingPlan) -> None:
+    """Mllama's images reach the text through cross-attention layers, which run only with images.
+
+    Text-only, the cross-attention layers are skipped (no warning: the copy keeps layer 3 as one);
+    with an image, the vision tower's 4 tiles x 1,601 patches and the cross-attention over them.
+    """
+    config = mllama()
+    assert config["text_config"]["cross_attention_layers"] == [3]
+    text_est, text_trace = assert_close(config, plan.with_(seq_len=1024))
+    image_est, image_trace = assert_close(config, plan.with_(seq_len=1024, images=1))
+    assert image_est > text_est and image_trace > text_trace
+
+
+def qwen_vl() -> dict[str, Any]:
+    """Qwen2.5-VL 7B with 3 text and 3 vision layers, the middle vision layer a full-attention one."""
+    config = catalog("Qwen__Qwen2.5-VL-7B-Instruct")
+    config["vision_config"]["fullatt_block_indexes"] = [1]
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", [LORA, QLORA], ids=["lora", "qlora-ckpt"])
+def test_qwen_vl_images_match_the_trace(plan: TrainingPlan) -> None:
+    """Qwen2.5-VL reads its image grid's values: the trace runs its vision tower on a known grid."""
+    config = qwen_vl()
+    text_est, text_trace = assert_close(config, plan.with_(seq_len=2048))
+    image_est, image_trace = assert_close(config, plan.with_(seq_len=2048, images=1))
+    assert image_est > text_est and image_trace > text_trace
+
+
+@pytest.mark.slow
+def test_qwen_vl_one_attention_sequence_keeps_what_the_per_window_split_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trace's one attention over all patches (standins._one_sequence) against the model's own split.
+
+    The model attends per image (full-attention layers) and per 112 px window (the others); with
+    SDPA's flash kernel what a step keeps is per token, so the peaks are equal.
+    """
+    from peftaudit.memory.tracing import standins
+
+    config, plan = qwen_vl(), LORA.with_(seq_len=2048, images=1)
+    one = allocated(trace(build(config), plan))
+    monkeypatch.setattr(standins, "_one_sequence", lambda cu_seqlens: cu_seqlens)
+    split = allocated(trace(build(config), plan))
+    assert one == split
+
+
 def test_image_tokens_default_from_the_config() -> None:
     from peftaudit.memory.tracing.inputs import image_tokens_of
 
@@ -133,6 +200,8 @@ def test_image_tokens_default_from_the_config() -> None:
     assert image_tokens_of(gemma, TrainingPlan()) == 256  # mm_tokens_per_image
     assert image_tokens_of(qwen, TrainingPlan()) == (756 // 28) ** 2  # 729 at 756 px
     assert image_tokens_of(llava, TrainingPlan(image_tokens=100)) == 100
+    # Mllama: one <|image|> token per image in the text; its vision tokens go to cross-attention.
+    assert image_tokens_of({"model_type": "mllama"}, TrainingPlan()) == 1
 
 
 @pytest.mark.parametrize(
@@ -142,7 +211,8 @@ def test_image_tokens_default_from_the_config() -> None:
         ("openai-community__gpt2", {"images": 1}, "has no image inputs"),
         ("google__vit-base-patch16-224", {"images": 1}, "is a vision model"),
         ("openai-community__gpt2", {"image_size": 224}, "--image-size applies to vision models"),
-        ("Qwen__Qwen2.5-VL-7B-Instruct", {"images": 1}, "images are not estimated yet"),
+        ("Qwen__Qwen2.5-VL-7B-Instruct", {"images": 1, "attention": "eager"}, "images are not estimated yet"),
+        ("meta-llama__Llama-3.2-11B-Vision", {"images": 1, "image_tokens": 64}, "--image-tokens does not apply"),
     ],
 )
 def test_images_that_do_not_apply_are_plan_errors(name: str, fields: dict[str, Any], message: str) -> None:

@@ -23,7 +23,7 @@ from peftaudit.inventory import Inventory
 from peftaudit.memory.analytic.step import Segment, StepProfile
 from peftaudit.memory.analytic.tape import GRAD, TEMP
 from peftaudit.memory.derived.fit import POINTS, Cut, DerivationError, Row, cut, fit
-from peftaudit.memory.derived.kinds import Stack, stacks
+from peftaudit.memory.derived.kinds import LAYER_INDEX_LISTS, Stack, stacks
 from peftaudit.memory.derived.windows import base_length
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import TrainingPlan
@@ -196,6 +196,7 @@ def _reduced_model(inventory: Inventory, model_stacks: list[Stack]) -> Any:
         parent, _, name = stack.path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, kept)
     _feature_layer(model, model_stacks)
+    _layer_positions(model, model_stacks)
     return model
 
 
@@ -225,6 +226,30 @@ def _feature_layer(model: Any, model_stacks: list[Stack]) -> None:
     if config is not None and isinstance(getattr(config, "vision_feature_layer", None), int) and vision:
         # hidden_states[0] is the embedding output, so the k-th kept layer's output is index k.
         config.vision_feature_layer = len(vision[0].kept)
+
+
+def _layer_positions(model: Any, model_stacks: list[Stack]) -> None:
+    """Point attributes that list layers by index at the depth-reduced copy's positions.
+
+    Mllama's text model runs a layer as a cross-attention layer when its position is in
+    ``cross_attention_layers`` (and skips it without images); its vision model stacks the outputs of
+    the ``transformer`` layers in ``intermediate_layers_indices``
+    (:data:`~peftaudit.memory.derived.kinds.LAYER_INDEX_LISTS`). The copy's stack runs its kept
+    layers by position (0, 1, 2...): layer 3 of the full model may be at position 2. Each listed
+    layer becomes the position of the kept layer it is replayed from, so the kept cross-attention
+    layer still runs as one, and the vision model stacks as many layer outputs (of the same size)
+    as the full model does.
+    """
+    by_path = {s.path: s for s in model_stacks}
+    for name, module in model.named_modules():
+        for attribute, under in LAYER_INDEX_LISTS.items():
+            indices = getattr(module, attribute, None)
+            stack = by_path.get(f"{name}.{under}" if name else under)
+            if stack is None or not isinstance(indices, list | tuple):
+                continue
+            if all(isinstance(i, int) and i in stack.layers for i in indices):
+                # A new list: the config's own list stays the full model's.
+                setattr(module, attribute, [stack.kept.index(stack.stand_in(i)) for i in indices])
 
 
 def _kept_layers(container: Any, kept: tuple[int, ...]) -> Any:

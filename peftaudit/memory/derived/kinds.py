@@ -98,9 +98,19 @@ def _layer_of(path: str, stack: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+#: Config lists of layer indices, not of one value per layer (Mllama's ``cross_attention_layers``
+#: names 8 of 40 text layers; as long as its 8 global vision layers, it would split them into kinds).
+#: Key -> the stack it indexes, under the module holding the attribute of that name (derivation
+#: points them at the depth-reduced copy's positions).
+LAYER_INDEX_LISTS: dict[str, str] = {
+    "cross_attention_layers": "layers",
+    "intermediate_layers_indices": "transformer.layers",
+}
+
+
 def _per_layer_config(config: Mapping[str, Any], layers: int) -> list[list[Any]]:
     """Config lists with one scalar per layer (``layer_types``...), at any depth of the config."""
-    return [values for _key, values in _lists(config) if len(values) == layers]
+    return [values for key, values in _lists(config) if len(values) == layers and key not in LAYER_INDEX_LISTS]
 
 
 def _lists(config: Mapping[str, Any]) -> Iterator[tuple[str, list[Any]]]:

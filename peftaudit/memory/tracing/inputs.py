@@ -11,6 +11,9 @@ Conventions, the same for every family (the analytic estimate relies on them):
 * ``plan.seq_len`` counts every token the language model sees, image
   placeholders included (what a trainer's ``max_length`` truncates);
   ``plan.images`` images per sample, each ``image_tokens(config, plan)`` tokens.
+* Mllama (Llama 3.2 Vision) takes its images through cross-attention layers: each
+  image is one ``<|image|>`` token of ``plan.seq_len``, its vision tokens are not
+  (``--image-tokens`` does not apply; :data:`CROSS_ATTENTION`).
 * Images arrive in the plan's weight dtype (what a processor's output is cast
   to before a half-precision model).
 * Vision models without a loss of their own (``ViTModel``, ``Dinov2Model``,
@@ -127,19 +130,30 @@ def _qwen_vl_tokens(config: Mapping[str, Any]) -> int:
     return side * side
 
 
+#: Multimodal families whose images reach the text through cross-attention layers, not placeholder
+#: runs: each image is one ``<|image|>`` token in the text sequence, and its vision tokens (Mllama: 4
+#: tiles of (560/14)^2 + 1 = 1,601 patches) are the keys and values of the cross-attention layers.
+#: ``--image-tokens`` does not apply to them.
+CROSS_ATTENTION: frozenset[str] = frozenset({"mllama"})
+
 #: Multimodal families: ``model_type`` -> the image tokens one image takes by default (from the config).
 IMAGE_TOKENS: dict[str, Callable[[Mapping[str, Any]], int]] = {
     "llava": _llava_tokens,
     "gemma3": _gemma3_tokens,
     "qwen2_5_vl": _qwen_vl_tokens,
     "qwen2_vl": _qwen_vl_tokens,
+    **{model_type: (lambda config: 1) for model_type in CROSS_ATTENTION},
 }
 
 
-#: Families whose image step the fake-tensor trace cannot run yet, and why.
-NOT_TRACEABLE: dict[str, str] = {
-    model_type: "its vision tower splits attention by image sizes it reads from tensor values "
-    "(image_grid_thw), which fake tensors do not have"
+#: Families whose image step the fake-tensor trace cannot run with eager attention, and why. Their
+#: vision towers split attention per image and window by sizes read from ``image_grid_thw``'s values:
+#: the trace runs them on a grid whose values it knows, as one sequence of all patches
+#: (:func:`~peftaudit.memory.tracing.standins.known_values`), which keeps what SDPA and flash
+#: attention keep (per token); eager attention keeps one matrix per image or window.
+NOT_TRACEABLE_EAGER: dict[str, str] = {
+    model_type: "with eager attention its vision tower keeps one attention matrix per image and window, "
+    "which the trace does not split (use sdpa or flash attention)"
     for model_type in ("qwen2_vl", "qwen2_5_vl")
 }
 
@@ -169,9 +183,14 @@ def check_images(config: Mapping[str, Any], plan: TrainingPlan, name: str) -> No
     if not takes_images(config):
         kind = "is a vision model: its batch is images, set --image-size" if vision else "has no image inputs"
         raise PlanError(f"--images/--image-tokens apply to multimodal models; {name} {kind}")
+    if plan.image_tokens is not None and str(config.get("model_type", "")) in CROSS_ATTENTION:
+        raise PlanError(
+            f"--image-tokens does not apply to {name}: its images reach the text through cross-attention "
+            "(one <|image|> token each in seq-len); the vision tokens per image are fixed by its tiles"
+        )
     if plan.images == 0:
         return
-    reason = NOT_TRACEABLE.get(str(config.get("model_type", "")))
+    reason = NOT_TRACEABLE_EAGER.get(str(config.get("model_type", ""))) if plan.attention == "eager" else None
     if reason:
         raise PlanError(f"{name}: images are not estimated yet: {reason}")
     tokens = plan.images * image_tokens_of(config, plan)
@@ -312,6 +331,8 @@ def _qwen_vl(model: Any, plan: TrainingPlan) -> StepInputs:
     """Qwen2/2.5-VL: flattened patches (patches, 3 * 2 * 14 * 14) and ``image_grid_thw`` per image."""
     import torch
 
+    from peftaudit.memory.tracing.standins import known_values
+
     config = _config(model)
     vision = _section(config, "vision_config")
     patch = int(vision.get("patch_size", 14))
@@ -331,13 +352,48 @@ def _qwen_vl(model: Any, plan: TrainingPlan) -> StepInputs:
         ids = _ids_with_images(plan, token_id, tokens)
         inputs: dict[str, Any] = {"input_ids": ids, "labels": ids, "use_cache": False}
         if plan.images:
-            inputs["image_grid_thw"] = torch.tensor([[1, grid, grid]] * n, dtype=torch.long)
+            # Its vision tower reads the grid's values: a tensor whose values the trace knows.
+            inputs["image_grid_thw"] = known_values([[1, grid, grid]] * n)
         return inputs
 
     def images() -> dict[str, Any]:
         if not plan.images:
             return {}
         return {"pixel_values": torch.zeros(n * grid * grid, 3 * temporal * patch * patch, dtype=_dtype(plan))}
+
+    return StepInputs(make, _own_loss, images)
+
+
+def _mllama(model: Any, plan: TrainingPlan) -> StepInputs:
+    """Mllama (Llama 3.2 Vision): one ``<|image|>`` token per image; the images go to cross-attention.
+
+    ``pixel_values`` (batch, images, tiles, 3, 560, 560) with every image padded to ``max_num_tiles``
+    tiles (4), as its image processor pads them (``pack_images``: the vision tower runs all tiles);
+    ``aspect_ratio_ids``/``aspect_ratio_mask`` per image and tile, and ``cross_attention_mask``
+    (batch, seq, images, tiles) of int64, as the processor returns them.
+    """
+    import torch
+
+    config = _config(model)
+    vision = _section(config, "vision_config")
+    side = int(vision.get("image_size", 560))
+    tiles = int(vision.get("max_num_tiles", 4))
+    token_id = int(config.get("image_token_index", 128256))
+    b, n = plan.batch_size, plan.images
+
+    def make() -> dict[str, Any]:
+        ids = _ids_with_images(plan, token_id, 1)
+        inputs: dict[str, Any] = {"input_ids": ids, "labels": ids, "use_cache": False}
+        if n:
+            inputs["aspect_ratio_ids"] = torch.ones(b, n, dtype=torch.long)
+            inputs["aspect_ratio_mask"] = torch.ones(b, n, tiles, dtype=torch.long)
+            inputs["cross_attention_mask"] = torch.ones(b, plan.seq_len, n, tiles, dtype=torch.long)
+        return inputs
+
+    def images() -> dict[str, Any]:
+        if not n:
+            return {}
+        return {"pixel_values": torch.zeros(b, n, tiles, 3, side, side, dtype=_dtype(plan))}
 
     return StepInputs(make, _own_loss, images)
 
@@ -349,6 +405,7 @@ FAMILIES: dict[str, Callable[[Any, TrainingPlan], StepInputs]] = {
     "gemma3": _gemma3,
     "qwen2_5_vl": _qwen_vl,
     "qwen2_vl": _qwen_vl,
+    "mllama": _mllama,
 }
 
 

@@ -2,12 +2,14 @@
 
 Flash attention for SDPA (what CUDA's kernel keeps), CUDA's bool-mask dropout,
 the autocast shim, bf16-only grouped matmuls and transformers' "not packed"
-answer to packed-sequence detection (fake tensors have no values to read).
+answer to packed-sequence detection (fake tensors have no values to read), and
+Qwen-VL's image grid as a tensor whose values the trace knows (:func:`known_values`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -58,6 +60,89 @@ def gpu_dropout(original: Callable[..., Any]) -> Callable[..., Any]:
         return torch.native_dropout(input, p, True)[0]
 
     return dropout
+
+
+def known_values(data: Any) -> Any:
+    """A small index tensor whose values the trace knows (Qwen-VL's ``image_grid_thw``).
+
+    Fake tensors have no values, but Qwen2/2.5-VL's vision tower reads the image grid's values
+    (``.tolist()``) to lay out its patches and split its attention per image and window. Every
+    op on this tensor alone runs on its real values, outside the fake and tracking modes (a few
+    integers: the sizes the processor's grid would give; the patch indices computed from them, a
+    few kilobytes per image, are not counted); an op that mixes it with fake tensors runs as
+    usual, on fake tensors.
+    """
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return torch.tensor(data, dtype=torch.long).as_subclass(_known_class())
+
+
+_KNOWN: list[Any] = []
+
+
+def _known_class() -> Any:
+    if _KNOWN:
+        return _KNOWN[0]
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    class KnownValues(torch.Tensor):
+        """A real tensor among fake ones: see :func:`known_values`."""
+
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            with torch._C.DisableTorchFunctionSubclass():
+                a, k = pytree.tree_map_only(cls, lambda t: t.as_subclass(torch.Tensor), (args, kwargs or {}))
+                if any(isinstance(t, FakeTensor) for t in pytree.tree_leaves((a, k))):
+                    return func(*a, **k)
+                with _disable_current_modes():
+                    out = func(*a, **k)
+                return pytree.tree_map_only(torch.Tensor, lambda t: t.as_subclass(cls), out)
+
+    _KNOWN.append(KnownValues)
+    return KnownValues
+
+
+def _on_known_values(original: Callable[..., Any], one_sequence: bool) -> Callable[..., Any]:
+    """A vision helper run on a known grid's real values (outside fake mode): its indices and lengths.
+
+    ``one_sequence``: the cumulative lengths it returns become one sequence of all patches. SDPA and
+    flash attention keep per token what they keep (queries, keys, values, output, log-sum-exp), so
+    one attention over every image's patches keeps what one per image or window keeps, and the
+    step runs the same operations at every batch size (which the derivation's fit needs).
+    """
+
+    def helper(grid_thw: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(grid_thw, _known_class()):
+            return original(grid_thw, *args, **kwargs)
+        import torch
+        from torch.utils import _pytree as pytree
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        known = _known_class()
+        with _disable_current_modes():
+            out = original(grid_thw, *args, **kwargs)
+            if one_sequence and isinstance(out, tuple):
+                # The cumulative lengths are its only int32 outputs (indices and positions are int64).
+                out = tuple(
+                    _one_sequence(t) if isinstance(t, torch.Tensor) and t.dtype == torch.int32 else t for t in out
+                )
+            # Every output known too (window lengths are built from a list, not from the grid).
+            with torch._C.DisableTorchFunctionSubclass():
+                return pytree.tree_map_only(torch.Tensor, lambda t: t.as_subclass(known), out)
+
+    return helper
+
+
+def _one_sequence(cu_seqlens: Any) -> Any:
+    """Cumulative lengths ``[0, a, a + b, ...]`` as one sequence of them all: ``[0, total]``."""
+    import torch
+
+    return torch.tensor([0, int(cu_seqlens[-1])], dtype=torch.int32)
 
 
 @contextlib.contextmanager
@@ -113,6 +198,14 @@ def stand_ins(plan: TrainingPlan) -> Iterator[None]:
     from transformers import masking_utils
 
     patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    # Qwen2/2.5-VL's vision helpers read the image grid's values: given a grid of known values
+    # (known_values), they run on those, and what they return stays known (the attention's split
+    # reads its lengths). Only where the model's module is loaded: the model is built before.
+    for module_name in ("qwen2_vl.modeling_qwen2_vl", "qwen2_5_vl.modeling_qwen2_5_vl"):
+        module = sys.modules.get(f"transformers.models.{module_name}")
+        for helper in ("get_vision_attention_seqlens", "get_vision_position_ids", "get_vision_window_index"):
+            if module is not None and hasattr(module, helper):
+                patch(module, helper, _on_known_values(getattr(module, helper), plan.attention != "eager"))
     try:
         yield
     finally:
