@@ -37,7 +37,7 @@ from peftaudit.memory.analytic.static import Static, static_memory
 from peftaudit.memory.analytic.step import StepProfile, record_step, walk
 from peftaudit.memory.analytic.tape import CATEGORIES
 from peftaudit.memory.derived import DerivationError, derive
-from peftaudit.memory.derived.windows import regime
+from peftaudit.memory.derived.windows import reached, windows
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 from peftaudit.memory.quantized import base_storage, resolve
@@ -45,6 +45,7 @@ from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStor
 from peftaudit.memory.tracing.inputs import check_images, is_vision_model
 
 _PROFILES: dict[int, tuple[weakref.ref[Inventory], dict[tuple[Any, ...], Any]]] = {}
+_WINDOWS = ("attention windows",)
 
 
 _NOT_IN_PROFILE = {
@@ -66,7 +67,8 @@ def _profile_key(plan: TrainingPlan) -> tuple[Any, ...]:
     return tuple(getattr(plan, name) for name in _PROFILE_FIELDS)
 
 
-def _cached(inventory: Inventory, key: tuple[Any, ...]) -> dict[tuple[Any, ...], Any]:
+def _cached(inventory: Inventory) -> dict[tuple[Any, ...], Any]:
+    """What is kept per model (by identity) while it lives: prepared plan shapes, its windows."""
     entry = _PROFILES.get(id(inventory))
     if entry is None or entry[0]() is not inventory:
         store: dict[tuple[Any, ...], Any] = {}
@@ -94,10 +96,13 @@ class _Prepared:
 def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto") -> _Prepared:
     from peftaudit.plugins import memory_methods
 
+    store = _cached(inventory)
+    model_windows = store.get(_WINDOWS)
+    if model_windows is None:
+        model_windows = store[_WINDOWS] = windows(inventory.config or {})
     # Past a sliding window the step builds the window's mask: the profile holds on one side of each.
-    beyond = regime(inventory.config or {}, plan.seq_len)
+    beyond = reached(model_windows, plan.seq_len)
     key = (*_profile_key(plan), beyond, activations)
-    store = _cached(inventory, key)
     hit = store.get(key)
     if hit is not None:
         return hit

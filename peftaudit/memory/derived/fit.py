@@ -8,7 +8,7 @@ the ratios give its exponents (``b s``: per token; ``b s^2``: per token pair;
 ``s^2``: a position bias shared by the batch...) and the first trace its
 coefficient (:data:`POINTS` uses batches 2 and 4: the same ratios). Sizes
 that are not monomials (none in the families we checked) are fitted linearly
-in the sequence and reported.
+in the sequence; the largest is kept with the profile (``Derived.inexact_bytes``).
 
 The marks the trace leaves where layers start and end cut the step into the
 segments :mod:`~peftaudit.memory.analytic.step` composes: the embedding (what

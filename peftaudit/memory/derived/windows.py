@@ -32,12 +32,17 @@ def _windows(config: Mapping[str, Any]) -> Iterator[int]:
 
 
 def regime(config: Mapping[str, Any], seq: int) -> tuple[bool, ...]:
-    """For each window of the model, whether sequences of ``seq`` tokens reach it.
+    """For each window of the model, whether sequences of ``seq`` tokens reach it."""
+    return reached(windows(config), seq)
+
+
+def reached(model_windows: tuple[int, ...], seq: int) -> tuple[bool, ...]:
+    """:func:`regime` for windows already read from the config (estimates for many lengths).
 
     transformers skips a window's mask only for sequences shorter than the window
     (``kv_length < sliding_window``): a sequence as long as the window builds it.
     """
-    return tuple(seq >= w for w in windows(config))
+    return tuple(seq >= w for w in model_windows)
 
 
 def base_length(config: Mapping[str, Any], seq: int, *, longer_than: int = 0) -> int:
