@@ -159,6 +159,11 @@ class Inventory:
     config: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     """The model's config as a dict (``config.to_dict()``), when it has one: what a derived layer
     profile rebuilds a depth-reduced copy of the model from (:mod:`peftaudit.memory.derived`)."""
+    keep_in_fp32: tuple[str, ...] = ()
+    """The model's ``_keep_in_fp32_modules`` (transformers): float32 in fp16 loads, never quantized
+    (:mod:`peftaudit.memory.keep_fp32`)."""
+    keep_in_fp32_strict: tuple[str, ...] = ()
+    """The model's ``_keep_in_fp32_modules_strict``: float32 in fp16 and bf16 loads."""
 
     @property
     def total(self) -> int:
@@ -300,6 +305,8 @@ def take_inventory(
         output_head=output_head,
         quantization_config=_quantization_config(config or {}),
         config=dict(config) if config else None,
+        keep_in_fp32=_names(getattr(model, "_keep_in_fp32_modules", None)),
+        keep_in_fp32_strict=_names(getattr(model, "_keep_in_fp32_modules_strict", None)),
     )
     moe = _moe_info(inventory, config or {})
     if moe is not None:
@@ -319,6 +326,13 @@ def _config_dict(model: Any) -> dict[str, Any]:
         result = to_dict()
         return dict(result) if isinstance(result, Mapping) else {}
     return {}
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A transformers class attribute listing module names (a list, a set after ``post_init``, or None)."""
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        return ()
+    return tuple(sorted(str(v) for v in value))
 
 
 def _is_bias(local_name: str) -> bool:

@@ -7,7 +7,9 @@ transformers' multimodal classes name their parts, and the names are few:
 * the projector between them is ``multi_modal_projector`` (LLaVA, Gemma 3, Mllama,
   PaliGemma), ``connector`` (Idefics3, SmolVLM), or sits *inside* the vision module
   as ``merger`` / ``deepstack_merger_list`` (Qwen-VL's patch merger);
-* everything else (``language_model``, ``text_model``, ``lm_head``) is the language model.
+* everything else (``language_model``, ``text_model``, ``lm_head``) is the language model,
+  parameters held beside the towers too (LLaVA-NeXT's ``image_newline``, trained with the language
+  model in LLaVA-NeXT's recipes: ``mm_tunable_parts=mm_language_model`` in its ``llava/train/train.py``).
 
 The split is read from parameter paths alone, so it works on any module walked by
 :func:`peftaudit.inventory.take_inventory`, meta or live, and every parameter lands
@@ -120,8 +122,13 @@ def split_towers(inventory: Inventory) -> tuple[Tower, ...]:
     params = dict.fromkeys(TOWERS, 0)
     trainable = dict.fromkeys(TOWERS, 0)
     roots: dict[str, list[str]] = {t: [] for t in TOWERS}
-    for p in inventory.parameters:
-        tower, root = tower_of(p.name)
+    placed = [(p, *tower_of(p.name)) for p in inventory.parameters]
+    # A language-model parameter held by the module that also holds the vision tower (LLaVA-NeXT's
+    # ``model.image_newline``) is named by its own path: its owner, ``model``, would cover every tower.
+    others = {root for _, tower, root in placed if tower != LANGUAGE_MODEL}
+    for p, tower, root in placed:
+        if tower == LANGUAGE_MODEL and (not root or any(o == root or o.startswith(root + ".") for o in others)):
+            root = p.name
         params[tower] += p.numel
         if p.trainable:
             trainable[tower] += p.numel

@@ -53,6 +53,9 @@ def test_weights_are_never_read(tmp_path: Path) -> None:
         ('{"model_type": "llama", "hidden_size": 0}', "'hidden_size' must be positive"),
         ('{"model_type": "llama", "num_hidden_layers": -2}', "'num_hidden_layers' must be positive"),
         ('{"model_type": "llama", "vocab_size": "big"}', "'vocab_size' must be an integer"),
+        # Sizes per stage (Swin's num_heads): every one a positive integer.
+        ('{"model_type": "swin", "num_heads": [3, 0, 12, 24]}', "'num_heads' must be positive"),
+        ('{"model_type": "swin", "num_heads": [3, "6"]}', "'num_heads' must be an integer"),
         ('{"model_type": "llava", "text_config": {"hidden_size": -1}}', "'text_config.hidden_size' must be positive"),
         # transformers' own (strict dataclass) validation, as one line naming the field
         (_tiny_llama(hidden_size=None), "invalid config.json: Field 'hidden_size' expected int, got NoneType"),
@@ -68,6 +71,29 @@ def test_bad_configs_are_one_clear_error(tmp_path: Path, content: str, message: 
     write_config(tmp_path / "m", content)
     with pytest.raises(ConfigError, match=re.escape(message)):
         audit(str(tmp_path / "m"), use_cache=False)
+
+
+def test_bare_pretrainedmodel_is_refused_unbuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building transformers' base class left "may use grouped experts" cached on ``PreTrainedModel``
+    (read from modeling_utils.py's own source) for every class not yet built to inherit: a BERT
+    classifier built later in the process asked for grouped experts, and its ``BertModel`` (already
+    asked, answer False) refused them. Full test runs failed that way when the tests met in that order."""
+    import torch
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    cached = "_can_set_experts_implementation_cached_value"
+    monkeypatch.setattr(transformers.PreTrainedModel, cached, None, raising=False)  # not asked yet
+    monkeypatch.setattr(BertModel, cached, False, raising=False)  # asked when a checkpoint builds BertModel
+    if cached in vars(BertForSequenceClassification):  # not asked yet: it inherits the base class's answer
+        monkeypatch.delattr(BertForSequenceClassification, cached)
+    write_config(tmp_path / "m", _tiny_llama(architectures=["PreTrainedModel"]))
+    with pytest.raises(ConfigError, match="builds a PreTrainedModel with no parameters"):
+        audit(str(tmp_path / "m"), use_cache=False)
+    assert vars(transformers.PreTrainedModel)[cached] is None
+    bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    with torch.device("meta"):
+        BertForSequenceClassification(bert)  # "BertModel does not support setting experts implementation"
 
 
 def test_directory_without_config(tmp_path: Path) -> None:

@@ -118,8 +118,8 @@ def _estimates(inventory: Any, plans: Any) -> list[Any]:
 def _raise_if_plan_is_wrong(inventory: Any, plan: Any, exc: Exception) -> None:
     """Re-raise ``exc`` when the plan itself is at fault: it fails validation or its targets on this model."""
     from peftaudit.memory import PlanError
+    from peftaudit.memory.images import check_images
     from peftaudit.memory.targets import lora_adapters, saved_modules
-    from peftaudit.memory.tracing.inputs import check_images
 
     try:
         plan.validate()

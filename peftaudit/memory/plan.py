@@ -160,7 +160,7 @@ class TrainingPlan:
     image_tokens: int | None = None
     """Multimodal models: tokens one image takes in the language model's sequence; ``None`` is
     the model's own (LLaVA's ``image_seq_length`` or (image size / patch)^2, Gemma 3's
-    ``mm_tokens_per_image``, Qwen-VL's at 756 px; :mod:`peftaudit.memory.tracing.inputs`)."""
+    ``mm_tokens_per_image``, Qwen-VL's at 756 px; :mod:`peftaudit.memory.images`)."""
     image_size: int | None = None
     """Vision models (ViT, DINOv2, ConvNeXt, Swin, CLIP): the square image side in pixels;
     ``None`` is the config's ``image_size``. Their batch is ``batch_size`` images."""

@@ -46,6 +46,11 @@ COMPONENT_HELP: dict[str, str] = {
 
 PHASES: tuple[str, ...] = ("forward", "backward", "optimizer step")
 
+#: Where an estimate's activations come from: the hand-written layer program of its model type,
+#: a step profile derived from traces of a depth-reduced copy, a Llama-shaped stand-in where even
+#: the trace cannot run (the ``approximate-activations`` warning says why), or the trace itself.
+ACTIVATION_SOURCES: tuple[str, ...] = ("program", "derived", "stand-in", "trace")
+
 
 @dataclass(frozen=True)
 class BaseStorage:
@@ -124,6 +129,8 @@ class MemoryEstimate:
     """``analytic`` or ``trace`` (the fake-tensor oracle)."""
     base_storage: BaseStorage | None = None
     """For a checkpoint with its own ``quantization_config``: how its base weights are stored."""
+    activations_source: str = "program"
+    """Where the activation side came from: one of :data:`ACTIVATION_SOURCES`."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -149,6 +156,7 @@ class MemoryEstimate:
             "plan": dict(self.plan),
             "warnings": [w.to_dict() for w in self.warnings],
             "source": self.source,
+            "activations_source": self.activations_source,
         }
         if self.base_storage is not None:
             data["base_storage"] = self.base_storage.to_dict()
@@ -169,4 +177,5 @@ class MemoryEstimate:
             warnings=tuple(PlanWarning(w["code"], w["message"]) for w in data.get("warnings", ())),
             source=str(data.get("source", "analytic")),
             base_storage=BaseStorage.from_dict(data["base_storage"]) if data.get("base_storage") else None,
+            activations_source=str(data.get("activations_source", "program")),
         )

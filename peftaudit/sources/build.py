@@ -29,6 +29,8 @@ _DTYPE_KEYS = ("dtype", "torch_dtype")
 #: (same style of limit as the verifier's ``MAX_JSON_BYTES`` for index files).
 MAX_CONFIG_BYTES = 50 << 20
 
+_NOTHING = "nothing to audit (check 'architectures')"
+
 
 def build_from_config(
     config: Mapping[str, Any],
@@ -50,10 +52,7 @@ def build_from_config(
     with _quiet_transformers():
         model = _build(config, model_id=model_id, trust_remote_code=trust_remote_code, local_dir=local_dir)
     if not any(p.numel() for p in model.parameters()):
-        raise ConfigError(
-            f"{model_id}: the config builds a {type(model).__name__} with no parameters: "
-            "nothing to audit (check 'architectures')"
-        )
+        raise ConfigError(f"{model_id}: the config builds a {type(model).__name__} with no parameters: {_NOTHING}")
     return model
 
 
@@ -101,6 +100,12 @@ def _build(
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ConfigError(f"{model_id}: invalid config.json: {exc}") from exc
     cls = _model_class(cfg, model_type)
+    if cls is transformers.PreTrainedModel:
+        # Refused before it is built: building the bare base class makes transformers cache "may use
+        # grouped experts" on PreTrainedModel itself (it reads modeling_utils.py's source, which names
+        # the decorator), and every model class not yet built inherits that answer for the rest of the
+        # process: a BERT built later asks for grouped experts and fails.
+        raise ConfigError(f"{model_id}: the config builds a PreTrainedModel with no parameters: {_NOTHING}")
     dtype = _dtype(config)
     try:
         # Initialisers do nothing useful on meta tensors and cost most of the build time.
@@ -278,10 +283,12 @@ def validate_sizes(config: Mapping[str, Any], model_id: str, where: str = "") ->
             continue
         if key not in SIZE_KEYS or value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{model_id}: config '{where}{key}' must be an integer, got {value!r}")
-        if value <= 0:
-            raise ConfigError(f"{model_id}: config '{where}{key}' must be positive, got {value}")
+        # One size per stage is a list of sizes (Swin's num_heads [3, 6, 12, 24]).
+        for size in value if isinstance(value, list) and value else [value]:
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise ConfigError(f"{model_id}: config '{where}{key}' must be an integer, got {value!r}")
+            if size <= 0:
+                raise ConfigError(f"{model_id}: config '{where}{key}' must be positive, got {value}")
 
 
 #: Config keys that count layers; encoder and decoder counts at the same level add up.

@@ -34,7 +34,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 #: Vision models: their step takes images only (tests/memory/test_memory_images.py checks them).
-NOT_TEXT = {"vit", "convnext", "dinov2", "clip"}
+NOT_TEXT = {"vit", "convnext", "dinov2", "clip", "swin"}
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,6 @@ def compare(model_id: str, shape: str) -> Comparison:
     if shape == "full-zero3-8":
         sharded = estimate(inventory, replace(plan, sharding="zero3", gpus=8))
         assert "approximate-activations" not in [w.code for w in sharded.warnings]
-    if shape == "full-zero3-8" and any(k.endswith("vision_config") for k in config):
-        # Text-only, a multimodal model's vision tower gets no gradients: the trace keeps none for
-        # it, the static estimate (full fine-tuning trains every weight) counts them. With images
-        # (tests/memory/test_memory_images.py) every tower runs.
-        return Comparison(model_id, shape, estimated.allocated_bytes, None, seconds, codes, "text-only multimodal")
     traced_plan = plan
     if "attention-unsupported" in codes:
         traced_plan = replace(plan, attention="eager")  # what the estimate says the model runs

@@ -118,6 +118,34 @@ def test_a_model_whose_step_cannot_run_keeps_a_named_stand_in(inventory_of) -> N
     assert broken.total_bytes > broken.components["cuda_context"]
 
 
+def test_an_estimate_says_where_its_activations_came_from(inventory_of) -> None:
+    """A layer program, a profile derived from traces, or the stand-in (whose warning says why)."""
+    from memory_models import CONFIGS
+
+    from peftaudit.memory import MemoryEstimate
+
+    plan = TrainingPlan(seq_len=64)
+    program = estimate(inventory_of("llama"), plan)
+    derived = estimate(inventory_of({**CONFIGS["llama"], "model_type": "helium", "head_dim": 64}), plan)
+    stand_in = estimate(inventory_of({**CONFIGS["llama"], "model_type": "helium"}), plan)
+    assert (program.activations_source, derived.activations_source, stand_in.activations_source) == (
+        "program",
+        "derived",
+        "stand-in",
+    )
+    assert estimate(inventory_of("llama"), plan, activations="derived").activations_source == "derived"
+    warned = [
+        e.activations_source
+        for e in (program, derived, stand_in)
+        for w in e.warnings
+        if w.code == "approximate-activations"
+    ]
+    assert warned == ["stand-in"]
+    data = stand_in.to_dict()
+    assert data["activations_source"] == "stand-in"
+    assert MemoryEstimate.from_dict(data) == stand_in
+
+
 SMALL = {
     "hidden_size": 64,
     "intermediate_size": 128,

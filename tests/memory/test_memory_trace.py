@@ -142,3 +142,26 @@ def test_sharded_plans_are_refused_by_the_trace() -> None:
 
     with pytest.raises(PlanError, match="one GPU"):
         trace(build("llama"), TrainingPlan(sharding="zero3", gpus=2))
+
+
+def test_trace_sets_grouped_experts_where_experts_read_it_only() -> None:
+    """The trace runs experts with transformers' grouped kernel (its GPU default) and leaves every other
+    config alone: a BERT config told "grouped experts" could not build a BERT again (its class refuses)."""
+    import torch
+    from memory_models import CONFIGS
+
+    small = TrainingPlan(seq_len=8, batch_size=1)
+    bert = build({**CONFIGS["bert"], "num_hidden_layers": 1})
+    config, cls = bert.config, type(bert)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace(bert, small)
+    with torch.device("meta"):
+        cls(config)  # "BertForMaskedLM does not support setting experts implementation" when it was set
+    mixtral = build({**CONFIGS["mixtral"], "num_hidden_layers": 1})
+    mixtral.config._experts_implementation = "eager"  # as from_pretrained(..., experts_implementation="eager")
+    experts = [m for m in mixtral.modules() if type(m).__name__ == "MixtralExperts"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace(mixtral, small)
+    assert experts and all(m.config._experts_implementation == "grouped_mm" for m in experts)

@@ -57,10 +57,7 @@ def load_minilm_classifier(path: Path, seed: int = 0) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    # BERT has no experts. Said explicitly, because transformers decides whether a class may use
-    # grouped experts by reading its module's source once per process and caching the answer on the
-    # class; a full test run once had that answer wrong for BERT (open: which earlier test caused it).
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, experts_implementation="eager")
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 
 @pytest.fixture

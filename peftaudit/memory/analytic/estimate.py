@@ -36,13 +36,14 @@ from peftaudit.memory.analytic.shape import ModelShape, shape_of
 from peftaudit.memory.analytic.static import Static, static_memory
 from peftaudit.memory.analytic.step import StepProfile, record_step, walk
 from peftaudit.memory.analytic.tape import CATEGORIES
+from peftaudit.memory.checkpointing import check_checkpointing
 from peftaudit.memory.derived import DerivationError, derive
 from peftaudit.memory.derived.windows import reached, windows
+from peftaudit.memory.images import check_images, is_vision_model
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 from peftaudit.memory.quantized import base_storage, resolve
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStorage, MemoryEstimate
-from peftaudit.memory.tracing.inputs import check_images, is_vision_model
 
 _PROFILES: dict[int, tuple[weakref.ref[Inventory], dict[tuple[Any, ...], Any]]] = {}
 _WINDOWS = ("attention windows",)
@@ -91,6 +92,8 @@ class _Prepared:
     warnings: list[PlanWarning]
     total_params: int
     base_storage: BaseStorage | None
+    activations_source: str
+    """``program``, ``derived`` or ``stand-in`` (:data:`~peftaudit.memory.result.ACTIVATION_SOURCES`)."""
 
 
 def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto") -> _Prepared:
@@ -149,6 +152,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
         )
 
     profile: StepProfile | None = None
+    source = "program"
     # Programs model causal attention without windows: past one, the step is derived.
     if program is not None and activations != "derived" and not any(beyond):
         try:
@@ -157,6 +161,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
             # A layout the program does not read (fused qkv_proj, other expert layouts): derive it.
             program = None
     if profile is None:
+        source = "derived"
         try:
             fields = {**dict(zip(_PROFILE_FIELDS, _profile_key(plan), strict=True)), "windows_reached": beyond}
             derived = derive(inventory, plan, adaptation, fields)
@@ -185,6 +190,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
                     f"{inventory.architecture}: no activation estimate: its step could not be traced ({exc}) "
                     f"and a Llama-shaped stand-in does not apply ({stand_in})"
                 ) from None
+            source = "stand-in"
             warnings.append(
                 PlanWarning(
                     "approximate-activations",
@@ -204,7 +210,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
         dequantized_trained=static.dequantized_trained,
         dense_dtype=layout._dense_dtype(False),
     )
-    result = _Prepared(adaptation, layout, static, profile, warnings, inventory.total, storage)
+    result = _Prepared(adaptation, layout, static, profile, warnings, inventory.total, storage, source)
     store[key] = result
     return result
 
@@ -310,6 +316,7 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
     plan = plan or TrainingPlan()
     plan.validate()
     check_images(inventory.config or {}, plan, inventory.architecture)
+    check_checkpointing(inventory.architecture, plan)
     prepared = _prepare(inventory, plan, activations)
     adaptation, layout, static, profile = prepared.adaptation, prepared.layout, prepared.static, prepared.profile
     warnings, total_params = prepared.warnings, prepared.total_params
@@ -366,6 +373,7 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
         plan=plan.to_dict(),
         warnings=tuple(warnings) + tuple(_plan_warnings(inventory, plan)) + tuple(shard.warnings),
         base_storage=prepared.base_storage,
+        activations_source=prepared.activations_source,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftaudit.inventory import Inventory, ModuleRecord, ParameterRecord
+from peftaudit.memory import keep_fp32
 from peftaudit.memory.analytic.linear import LinearSpec
 from peftaudit.memory.analytic.shape import ModelShape
 from peftaudit.memory.dtypes import QUANTIZED_KINDS
@@ -124,9 +125,10 @@ class ModelLayout(Layout):
         else:
             # Plan-driven quantization (QLoRA): what bitsandbytes converts by default. transformers'
             # replace_with_bnb_linear takes `type(module) is nn.Linear` or Conv1D: subclasses of
-            # nn.Linear (Falcon's FalconLinear) stay in the model's dtype.
+            # nn.Linear (Falcon's FalconLinear) stay in the model's dtype, and so do the modules the
+            # model keeps in float32 (T5's `wo`).
             for m in inv.modules:
-                bnb_converts = m.type in ("Linear", "Conv1D")
+                bnb_converts = m.type in ("Linear", "Conv1D") and not keep_fp32.never_quantized(inv, m.path)
                 if bnb_converts and m.is_linear and m.path and m.path != head and not self._is_tied(m.path):
                     self._quantizable.add(m.path)
         for m in inv.modules:
@@ -158,7 +160,10 @@ class ModelLayout(Layout):
         quant = self.adaptation.quantization if (path in self._quantizable and not trainable) else None
         if quant is not None and path in self._formats:
             quant = self._formats[path].kind
-        dtype = self._dense_dtype(trainable) if quant is None else self._dense_dtype(False, quantized_model=True)
+        if quant is not None:
+            dtype = self._dense_dtype(False, quantized_model=True)
+        else:
+            dtype = self._dense_dtype(trainable) if weight is None else self.param_dtype(weight, trainable)
         return LinearSpec(
             in_features=m.in_features or 0,
             out_features=m.out_features or 0,
@@ -207,7 +212,12 @@ class ModelLayout(Layout):
         trainable = p.name in self.adaptation.trainable or any(
             p.module == s or p.module.startswith(s + ".") for s in self._saved
         )
-        return Weight(p.numel, self._dense_dtype(trainable), trainable)
+        return Weight(p.numel, self.param_dtype(p, trainable), trainable)
+
+    def param_dtype(self, p: ParameterRecord, trainable: bool) -> str:
+        """The dtype an unquantized parameter is stored in: the plan's, or float32 where a half-precision
+        load keeps it so (:mod:`peftaudit.memory.keep_fp32`)."""
+        return keep_fp32.dtype_of(self.inventory, p.name, self._dense_dtype(trainable))
 
     def _dense_dtype(self, trainable: bool, quantized_model: bool = False) -> str:
         plan = self.plan

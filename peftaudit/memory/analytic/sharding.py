@@ -17,6 +17,11 @@ What each strategy keeps on one GPU (N = GPUs sharing the shards):
 DeepSpeed keeps fp32 master weights in the optimizer when the model trains in
 half precision (``bf16``/``fp16`` plans under ZeRO); FSDP with fp32 parameters
 (``*-mixed`` plans) has them as the parameters themselves.
+
+A weight the step gives no gradient (a multimodal model's vision tower in a
+text-only step, :mod:`~peftaudit.memory.reached`) has none under DDP and FSDP,
+and torch's optimizers keep no state for it; DDP's buckets, and DeepSpeed's
+flat gradient and optimizer partitions, are allocated for every trainable weight.
 """
 
 from __future__ import annotations
@@ -59,8 +64,10 @@ def per_gpu(plan: TrainingPlan, static: Static, layout: ModelLayout) -> PerGpu:
     shard_param = s in ("zero3", "fsdp", "fsdp-hybrid")
     half_weights = plan.weight_dtype != "fp32"
     master = 0
-    states = static.optimizer_states
-    if s.startswith("zero") and half_weights and plan.training:
+    deepspeed = s.startswith("zero")
+    # DeepSpeed steps flat partitions of every trainable weight, reached by the step or not.
+    states = static.flat_optimizer_states if deepspeed else static.optimizer_states
+    if deepspeed and half_weights and plan.training:
         # DeepSpeed's optimizer keeps an fp32 copy of every trainable half-precision weight,
         # and steps it: its states are fp32 too.
         master = 2 * static.trainable_weights
@@ -72,7 +79,9 @@ def per_gpu(plan: TrainingPlan, static: Static, layout: ModelLayout) -> PerGpu:
     offload_param = plan.offload in ("parameters", "both")
     if offload_opt:
         states_gpu = master_gpu = 0
-    grads = int(static.gradients / (n if shard_grad else 1))
+    # ZeRO-2/3 reduce into gradient partitions of every trainable weight (zeros where none came).
+    grad_bytes = static.flat_gradients if s in ("zero2", "zero3") else static.gradients
+    grads = int(grad_bytes / (n if shard_grad else 1))
     base = static.base_weights
     consts = static.quantization_constants
     trainable = static.trainable_weights
@@ -83,7 +92,7 @@ def per_gpu(plan: TrainingPlan, static: Static, layout: ModelLayout) -> PerGpu:
         gathered = 2 * static.largest_layer_params
         if offload_param:
             base = consts = trainable = 0
-    buckets = static.gradients if s == "ddp" else 0
+    buckets = static.flat_gradients if s == "ddp" else 0
     scratch = 0 if offload_opt else int(static.optimizer_step_scratch / div)
     return PerGpu(
         base_weights=base,

@@ -17,6 +17,7 @@ from peftaudit.memory.dtypes import fp8_bytes, int8_bytes, nbytes, nf4_bytes, sh
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.optimizers import TrainableTensor, optimizer_memory
 from peftaudit.memory.plan import TrainingPlan
+from peftaudit.memory.reached import is_unreached, unreached
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,14 @@ class Static:
     quantization_constants: int
     trainable_weights: int
     gradients: int
+    """Gradients of the trainable weights the step reaches (:mod:`~peftaudit.memory.reached`)."""
     optimizer_states: int
+    """States of those weights: torch's optimizers keep none for a weight without a gradient."""
     optimizer_step_scratch: int
     master_weights: int
     optimizer_states_fp32: int
-    """States when the optimizer steps fp32 master copies (DeepSpeed ZeRO with half weights)."""
+    """States of every trainable weight, fp32: DeepSpeed ZeRO's optimizer steps flat fp32 partitions of all of
+    them, reached or not (its master copies, with half weights)."""
     trainable_params: int
     paged_optimizer: bool
     largest_layer_params: int
@@ -40,6 +44,11 @@ class Static:
     """Their packed storage (constants apart)."""
     dequantized_trained: int = 0
     """Parameters a pre-quantized checkpoint stores packed that train here, so are dense."""
+    flat_gradients: int = 0
+    """Gradients of every trainable weight, reached or not: DeepSpeed ZeRO's gradient partitions and
+    DDP's buckets are allocated for all of them."""
+    flat_optimizer_states: int = 0
+    """States of every trainable weight at its own dtype (DeepSpeed ZeRO's flat partitions, fp32 weights)."""
 
 
 def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, layout: ModelLayout) -> Static:
@@ -53,16 +62,19 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
     base = consts = trainable_bytes = 0
     quantized_params = packed = dequantized = 0
     tensors: list[TrainableTensor] = []
+    reached: list[bool] = []  # per tensor: whether the step gives it a gradient
+    skipped = unreached(inventory, plan)
     trainable_params = 0
     per_layer: dict[int, int] = {}
     for p in inventory.parameters:
         trains = p.name in adaptation.trainable or _in_saved(p, adaptation)
-        dtype = layout._dense_dtype(trains)
+        dtype = layout.param_dtype(p, trains)  # float32 where the model keeps it so (T5's wo in fp16)
         stored_packed = (p.module in formats and not p.is_bias) or p.name in experts
         if trains:
             size = p.numel * nbytes(dtype)
             trainable_bytes += size
             tensors.append(TrainableTensor(p.shape, dtype))
+            reached.append(not is_unreached(p.name, skipped))
             trainable_params += p.numel
             dequantized += p.numel if stored_packed else 0
             if _in_saved(p, adaptation) and p.name not in adaptation.trainable:
@@ -96,11 +108,13 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         else:
             tensors.append(TrainableTensor((a.rank * a.num_experts, a.in_features), adapter_dtype))
             tensors.append(TrainableTensor((a.out_features, a.rank * a.num_experts), adapter_dtype))
+        reached += [not is_unreached(a.path, skipped)] * (len(tensors) - len(reached))
     if adaptation.prompt_params:
         dtype = layout._dense_dtype(True)
         trainable_bytes += adaptation.prompt_params * nbytes(dtype)
         trainable_params += adaptation.prompt_params
         tensors.append(TrainableTensor((adaptation.prompt_params,), dtype))
+        reached.append(True)
     if not plan.training:
         return Static(
             base,
@@ -118,8 +132,10 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
             packed,
             dequantized,
         )
-    grads = sum(t.numel * nbytes(t.dtype) for t in tensors)
-    opt = optimizer_memory(plan.optimizer, plan.optimizer_impl, tensors)
+    stepped = [t for t, r in zip(tensors, reached, strict=True) if r]
+    grads = sum(t.numel * nbytes(t.dtype) for t in stepped)
+    opt = optimizer_memory(plan.optimizer, plan.optimizer_impl, stepped)
+    flat = optimizer_memory(plan.optimizer, plan.optimizer_impl, tensors)
     # DeepSpeed's mixed-precision optimizer steps fp32 master weights, so there its states are fp32.
     opt32 = optimizer_memory(plan.optimizer, plan.optimizer_impl, [TrainableTensor(t.shape, "fp32") for t in tensors])
     return Static(
@@ -137,6 +153,8 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         quantized_params=quantized_params,
         packed_bytes=packed,
         dequantized_trained=dequantized,
+        flat_gradients=sum(t.numel * nbytes(t.dtype) for t in tensors),
+        flat_optimizer_states=flat.states,
     )
 
 

@@ -25,9 +25,10 @@ from peftaudit.memory.analytic.tape import GRAD, TEMP
 from peftaudit.memory.derived.fit import POINTS, Cut, DerivationError, Row, cut, fit
 from peftaudit.memory.derived.kinds import LAYER_INDEX_LISTS, Stack, stacks
 from peftaudit.memory.derived.windows import base_length
+from peftaudit.memory.images import image_tokens_of, is_vision_model
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import TrainingPlan
-from peftaudit.memory.tracing.inputs import image_tokens_of, is_vision_model
+from peftaudit.memory.reached import dropped_feature_layers
 
 
 @dataclass(frozen=True)
@@ -205,12 +206,11 @@ def _dropped_layers(config: Mapping[str, Any], model_stacks: list[Stack]) -> fro
 
     They run forward, but their output is dropped: nothing of them is kept for the backward pass.
     """
-    layer = config.get("vision_feature_layer")
     vision = [s for s in model_stacks if "vision" in s.path]
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer >= -1 or not vision:
+    if not vision:
         return frozenset()
     stack = vision[0]
-    return frozenset(f"{stack.path}.{index}" for index in stack.layers[len(stack.layers) + layer + 1 :])
+    return frozenset(f"{stack.path}.{index}" for index in dropped_feature_layers(config, stack.layers))
 
 
 def _feature_layer(model: Any, model_stacks: list[Stack]) -> None:

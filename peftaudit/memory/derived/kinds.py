@@ -77,13 +77,16 @@ def stacks(inventory: Inventory, adaptation: Adaptation) -> list[Stack]:
                 adapters.setdefault((stack, index), []).append(("saved", s.path[len(stack) + 1 :]))
     result = []
     for path, layers in by_stack.items():
+        if path.rpartition(".")[2] in PICKED_BY_INDEX:
+            continue
         indices = tuple(sorted(layers))
         per_layer = _per_layer_config(inventory.config or {}, len(indices))
+        deepstack = _deepstack(inventory.config or {}, path, indices)
         kinds = tuple(
             (
                 tuple(sorted(layers[i], key=repr)),
                 tuple(sorted(adapters.get((path, i), []), key=repr)),
-                tuple(values[n] for values in per_layer),
+                tuple(values[n] for values in per_layer) + deepstack[n],
             )
             for n, i in enumerate(indices)
         )
@@ -105,7 +108,33 @@ def _layer_of(path: str, stack: str) -> int | None:
 LAYER_INDEX_LISTS: dict[str, str] = {
     "cross_attention_layers": "layers",
     "intermediate_layers_indices": "transformer.layers",
+    "deepstack_visual_indexes": "blocks",
 }
+
+
+#: Module lists a model picks single entries from by index between the layers of another stack,
+#: not a stack of layers run one after another: Qwen3-VL's DeepStack mergers (the k-th runs after
+#: the k-th vision block of ``deepstack_visual_indexes``). The copy keeps them whole; what each keeps
+#: is counted with the layer that runs after it (the fit's segments).
+PICKED_BY_INDEX = frozenset({"deepstack_merger_list"})
+
+
+def _deepstack(config: Mapping[str, Any], path: str, indices: tuple[int, ...]) -> list[tuple[Any, ...]]:
+    """Qwen3-VL's DeepStack layers, each a kind of its own (an empty tuple per layer elsewhere).
+
+    The vision blocks in ``deepstack_visual_indexes`` (8, 16 and 24 of 27) each feed a merger of
+    their own, whose outputs the first as many decoder layers add to the image tokens' hidden
+    states. The copy keeps every one of them, in the vision tower and the language model, so it
+    runs every merger and every addition once, where the model does.
+    """
+    listed = next((values for key, values in _lists(config) if key == "deepstack_visual_indexes"), None)
+    if not listed:
+        return [()] * len(indices)
+    if path.endswith(".blocks") and "visual" in path:
+        return [(("deepstack", listed.index(i)),) if i in listed else () for i in indices]
+    if "language_model" in path:
+        return [(("deepstack", n),) if n < len(listed) else () for n in range(len(indices))]
+    return [()] * len(indices)
 
 
 def _per_layer_config(config: Mapping[str, Any], layers: int) -> list[list[Any]]:

@@ -26,8 +26,9 @@ from peftaudit.memory.analytic.step import Segment, StepProfile
 from peftaudit.memory.analytic.tape import CATEGORIES, TERMS, CompiledEvents
 from peftaudit.memory.derived.derivation import Derived
 
-#: Bumped whenever what is stored, or how it is derived, changes.
-FORMAT = 1
+#: Bumped whenever what is stored, or how it is derived, changes (2: weights a model keeps in float32,
+#: memory/keep_fp32.py, are traced in float32).
+FORMAT = 2
 
 
 def key_for(config: Mapping[str, Any], plan_fields: Mapping[str, Any]) -> str | None:

@@ -116,13 +116,17 @@ class CheckpointQuantization:
         defaults = _default_skips(inventory)
         skips = list(self.skip or ())
         use_defaults = self.skip is None or self.default_skips
+        if self.quant_method not in ("gptq", "compressed-tensors"):
+            # transformers' quantizers leave what the model keeps in float32 unconverted (T5's wo);
+            # GPTQ (optimum) and compressed-tensors' own schemes do not ask.
+            skips += inventory.keep_in_fp32
         out: dict[str, WeightFormat] = {}
         for m in inventory.modules:
             if not m.path or not m.is_linear:
                 continue
             if use_defaults and m.path in defaults:
                 continue
-            if skips and not _converts(m.path, skips):
+            if skips and not converts(m.path, skips):
                 continue
             if self.blocks_only and (m.layer is None or not _in_block(m.path, self.block_modules)):
                 continue
@@ -142,7 +146,7 @@ class CheckpointQuantization:
         return {
             p.name: fmt
             for p in inventory.parameters
-            if p.kind == "experts" and len(p.shape) == 3 and (not skips or _converts(p.module, skips))
+            if p.kind == "experts" and len(p.shape) == 3 and (not skips or converts(p.module, skips))
         }
 
 
@@ -161,7 +165,7 @@ def _default_skips(inventory: Inventory) -> set[str]:
     return skips
 
 
-def _converts(path: str, patterns: Sequence[str]) -> bool:
+def converts(path: str, patterns: Sequence[str]) -> bool:
     """transformers' ``should_convert_module``: skipped when a pattern matches from the start
     (at a module boundary), as a regular expression, or as a suffix."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from peftaudit.memory.checkpointing import check_checkpointing
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 from peftaudit.memory.result import COMPONENTS, MemoryEstimate
 from peftaudit.memory.tracing.model import unique_params
@@ -61,6 +62,7 @@ def trace(model: torch.nn.Module, plan: TrainingPlan | None = None, *, steps: in
         raise PlanError("the trace simulates one GPU; sharded plans are estimated analytically only")
     if plan.loss == "chunked":
         raise PlanError("the trace runs transformers' own loss; a chunked loss is estimated analytically only")
+    check_checkpointing(type(model), plan)
     result = run_trace(model, plan, steps=steps)
     components = dict(result.components)
     allocated = sum(components.values())
@@ -79,6 +81,7 @@ def trace(model: torch.nn.Module, plan: TrainingPlan | None = None, *, steps: in
         plan=plan.to_dict(),
         warnings=tuple(PlanWarning("trace-note", n) for n in result.notes),
         source="trace",
+        activations_source="trace",
     )
 
 

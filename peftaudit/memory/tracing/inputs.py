@@ -30,10 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from peftaudit.memory.images import (
+    LLAVA_NEXT_IMAGE_SIDE,
+    VISION_MODELS,
+    any_resolution,
+    default_image_size,
+    idefics3_sub_image_tokens,
+    image_size_of,
+    image_tokens_of,
+    sub_config,
+)
 from peftaudit.memory.plan import PlanError, TrainingPlan
 from peftaudit.units import SHORT_DTYPES
 
@@ -49,22 +59,6 @@ class StepInputs:
     """Image inputs, made when the forward pass starts: megabytes per batch, part of its activations."""
 
 
-#: Vision models: ``model_type`` -> the ``config`` key that holds the vision settings (``""``: the root).
-VISION_MODELS: dict[str, str] = {
-    "vit": "",
-    "deit": "",
-    "dinov2": "",
-    "convnext": "",
-    "convnextv2": "",
-    "swin": "",
-    "swinv2": "",
-    "clip_vision_model": "",
-    "siglip_vision_model": "",
-    "clip": "vision_config",
-    "siglip": "vision_config",
-}
-
-
 def _config(model: Any) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
@@ -72,133 +66,6 @@ def _config(model: Any) -> dict[str, Any]:
 
 def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _section(config: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = config.get(key) if key else config
-    return value if isinstance(value, Mapping) else {}
-
-
-def is_vision_model(config: Mapping[str, Any]) -> bool:
-    """Whether the model is a vision model that takes images only (or CLIP/SigLIP's image-text pair)."""
-    return str(config.get("model_type", "")) in VISION_MODELS
-
-
-def default_image_size(config: Mapping[str, Any]) -> int | None:
-    """A vision model's own image size (``image_size``, or ``vision_config.image_size``)."""
-    section = _section(config, VISION_MODELS.get(str(config.get("model_type", "")), ""))
-    size = section.get("image_size")
-    if isinstance(size, list | tuple) and size:
-        size = size[0]
-    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
-
-
-def image_size_of(config: Mapping[str, Any], plan: TrainingPlan) -> int:
-    """The square image side a vision model is traced at: the plan's, else the config's, else 224."""
-    return plan.image_size or default_image_size(config) or 224
-
-
-# --- multimodal models -------------------------------------------------------------------------
-
-
-#: Qwen2-VL / Qwen2.5-VL have no fixed image size: the processor resizes each image to multiples of
-#: 28 px (14 px patches, 2 x 2 merged) between ``min_pixels`` and ``max_pixels``. The default here is
-#: LLaMA-Factory's ``image_max_pixels`` (768 * 768), the most used fine-tuning recipe for these
-#: models; the processor's smart_resize makes a 768 x 768 image 756 x 756: 54 x 54 patches, 729 tokens.
-#: Source: ProcessorArguments.image_max_pixels in
-#: https://github.com/hiyouga/LlamaFactory/blob/main/src/llamafactory/hparams/model_args.py
-QWEN_VL_IMAGE_SIDE = 756
-
-
-def _llava_tokens(config: Mapping[str, Any]) -> int:
-    if isinstance(config.get("image_seq_length"), int):
-        return int(config["image_seq_length"])
-    vision = _section(config, "vision_config")
-    side = int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))
-    # The "default" strategy drops the CLS token; "full" keeps it.
-    return side * side + (1 if config.get("vision_feature_select_strategy") == "full" else 0)
-
-
-def _gemma3_tokens(config: Mapping[str, Any]) -> int:
-    return int(config.get("mm_tokens_per_image", 256))
-
-
-def _qwen_vl_tokens(config: Mapping[str, Any]) -> int:
-    vision = _section(config, "vision_config")
-    merge = int(vision.get("spatial_merge_size", 2))
-    side = QWEN_VL_IMAGE_SIDE // (int(vision.get("patch_size", 14)) * merge)
-    return side * side
-
-
-#: Multimodal families whose images reach the text through cross-attention layers, not placeholder
-#: runs: each image is one ``<|image|>`` token in the text sequence, and its vision tokens (Mllama: 4
-#: tiles of (560/14)^2 + 1 = 1,601 patches) are the keys and values of the cross-attention layers.
-#: ``--image-tokens`` does not apply to them.
-CROSS_ATTENTION: frozenset[str] = frozenset({"mllama"})
-
-#: Multimodal families: ``model_type`` -> the image tokens one image takes by default (from the config).
-IMAGE_TOKENS: dict[str, Callable[[Mapping[str, Any]], int]] = {
-    "llava": _llava_tokens,
-    "gemma3": _gemma3_tokens,
-    "qwen2_5_vl": _qwen_vl_tokens,
-    "qwen2_vl": _qwen_vl_tokens,
-    **{model_type: (lambda config: 1) for model_type in CROSS_ATTENTION},
-}
-
-
-#: Families whose image step the fake-tensor trace cannot run with eager attention, and why. Their
-#: vision towers split attention per image and window by sizes read from ``image_grid_thw``'s values:
-#: the trace runs them on a grid whose values it knows, as one sequence of all patches
-#: (:func:`~peftaudit.memory.tracing.standins.known_values`), which keeps what SDPA and flash
-#: attention keep (per token); eager attention keeps one matrix per image or window.
-NOT_TRACEABLE_EAGER: dict[str, str] = {
-    model_type: "with eager attention its vision tower keeps one attention matrix per image and window, "
-    "which the trace does not split (use sdpa or flash attention)"
-    for model_type in ("qwen2_vl", "qwen2_5_vl")
-}
-
-
-def takes_images(config: Mapping[str, Any]) -> bool:
-    """Whether ``--images`` applies: a multimodal model whose image inputs we know how to build."""
-    return str(config.get("model_type", "")) in IMAGE_TOKENS
-
-
-def image_tokens_of(config: Mapping[str, Any], plan: TrainingPlan) -> int:
-    """Tokens one image takes in the language model's sequence: the plan's override, else the config's."""
-    if plan.image_tokens is not None:
-        return plan.image_tokens
-    default = IMAGE_TOKENS.get(str(config.get("model_type", "")))
-    return default(config) if default is not None else 0
-
-
-def check_images(config: Mapping[str, Any], plan: TrainingPlan, name: str) -> None:
-    """Raise :class:`PlanError` where the plan's images do not apply to this model or do not fit its sequence."""
-    vision = is_vision_model(config)
-    if plan.image_size is not None and not vision:
-        raise PlanError(
-            f"--image-size applies to vision models; {name} is not one (use --images for a multimodal model)"
-        )
-    if plan.images == 0 and plan.image_tokens is None:
-        return
-    if not takes_images(config):
-        kind = "is a vision model: its batch is images, set --image-size" if vision else "has no image inputs"
-        raise PlanError(f"--images/--image-tokens apply to multimodal models; {name} {kind}")
-    if plan.image_tokens is not None and str(config.get("model_type", "")) in CROSS_ATTENTION:
-        raise PlanError(
-            f"--image-tokens does not apply to {name}: its images reach the text through cross-attention "
-            "(one <|image|> token each in seq-len); the vision tokens per image are fixed by its tiles"
-        )
-    if plan.images == 0:
-        return
-    reason = NOT_TRACEABLE_EAGER.get(str(config.get("model_type", ""))) if plan.attention == "eager" else None
-    if reason:
-        raise PlanError(f"{name}: images are not estimated yet: {reason}")
-    tokens = plan.images * image_tokens_of(config, plan)
-    if tokens >= plan.seq_len:
-        raise PlanError(
-            f"{plan.images} image(s) x {image_tokens_of(config, plan)} tokens = {tokens:,} tokens do not fit in "
-            f"seq-len {plan.seq_len:,} (it counts image tokens too): raise --seq-len or lower --images/--image-tokens"
-        )
 
 
 # --- the step's inputs, per family -------------------------------------------------------------
@@ -248,10 +115,10 @@ def _vision(model: Any, plan: TrainingPlan) -> StepInputs:
     config = _config(model)
     base = _base(model)
     side = image_size_of(config, plan)
-    channels = int(_section(config, VISION_MODELS[config["model_type"]]).get("num_channels", 3))
+    channels = int(sub_config(config, VISION_MODELS[config["model_type"]]).get("num_channels", 3))
     classifier = type(base).__name__.endswith("ForImageClassification")
     contrastive = config["model_type"] in ("clip", "siglip")
-    text_len = int(_section(config, "text_config").get("max_position_embeddings", 77))
+    text_len = int(sub_config(config, "text_config").get("max_position_embeddings", 77))
 
     def images() -> dict[str, Any]:
         return {"pixel_values": torch.zeros(plan.batch_size, channels, side, side, dtype=_dtype(plan))}
@@ -284,7 +151,7 @@ def _llava(model: Any, plan: TrainingPlan) -> StepInputs:
     """LLaVA 1.5: ``pixel_values`` (batch * images, 3, side, side), one run of placeholders per image."""
 
     config = _config(model)
-    vision = _section(config, "vision_config")
+    vision = sub_config(config, "vision_config")
     side = int(vision.get("image_size", 336))
     tokens = image_tokens_of(config, plan)
     token_id = int(config.get("image_token_id", config.get("image_token_index", 32000)))
@@ -311,17 +178,25 @@ def _square_images(plan: TrainingPlan, side: int) -> Callable[[], dict[str, Any]
 
 def _gemma3(model: Any, plan: TrainingPlan) -> StepInputs:
     """Gemma 3: 896 px images and ``token_type_ids`` marking image tokens (they attend bidirectionally)."""
+    return _typed_images(model, plan, side=896, token_id=262144, image_type=1)
+
+
+def _typed_images(model: Any, plan: TrainingPlan, *, side: int, token_id: int, image_type: int) -> StepInputs:
+    """Square images and ``token_type_ids``: ``image_type`` on the images' tokens, the other type elsewhere.
+
+    ``side`` and ``token_id`` are the family's defaults where its config does not say.
+    """
     import torch
 
     config = _config(model)
-    side = int(_section(config, "vision_config").get("image_size", 896))
+    side = int(sub_config(config, "vision_config").get("image_size", side))
     tokens = image_tokens_of(config, plan)
-    token_id = int(config.get("image_token_id", config.get("image_token_index", 262144)))
+    token_id = int(config.get("image_token_id", config.get("image_token_index", token_id)))
 
     def make() -> dict[str, Any]:
         ids = _ids_with_images(plan, token_id, tokens)
-        types = torch.zeros_like(ids)
-        types[:, : plan.images * tokens] = 1
+        types = torch.full_like(ids, 1 - image_type)
+        types[:, : plan.images * tokens] = image_type
         return {"input_ids": ids, "labels": ids, "token_type_ids": types, "use_cache": False}
 
     return StepInputs(make, _own_loss, _square_images(plan, side))
@@ -334,7 +209,7 @@ def _qwen_vl(model: Any, plan: TrainingPlan) -> StepInputs:
     from peftaudit.memory.tracing.standins import known_values
 
     config = _config(model)
-    vision = _section(config, "vision_config")
+    vision = sub_config(config, "vision_config")
     patch = int(vision.get("patch_size", 14))
     temporal = int(vision.get("temporal_patch_size", 2))
     merge = int(vision.get("spatial_merge_size", 2))
@@ -375,7 +250,7 @@ def _mllama(model: Any, plan: TrainingPlan) -> StepInputs:
     import torch
 
     config = _config(model)
-    vision = _section(config, "vision_config")
+    vision = sub_config(config, "vision_config")
     side = int(vision.get("image_size", 560))
     tiles = int(vision.get("max_num_tiles", 4))
     token_id = int(config.get("image_token_index", 128256))
@@ -398,14 +273,128 @@ def _mllama(model: Any, plan: TrainingPlan) -> StepInputs:
     return StepInputs(make, _own_loss, images)
 
 
+def _llava_next(model: Any, plan: TrainingPlan) -> StepInputs:
+    """LLaVA-NeXT: each image as its any-resolution tiles, and ``image_sizes`` whose values it reads.
+
+    ``pixel_values`` (batch * images, tiles, 3, 336, 336) and ``image_sizes`` (batch * images, 2), as
+    its processor returns them for :data:`LLAVA_NEXT_IMAGE_SIDE` px square images (:func:`any_resolution`).
+    The model reads the sizes' values (``.tolist()``) to lay out and unpad each image's grid of tiles:
+    they are a tensor whose values the trace knows (:func:`~peftaudit.memory.tracing.standins.known_values`).
+    """
+    import torch
+
+    from peftaudit.memory.tracing.standins import known_values
+
+    config = _config(model)
+    tile = int(sub_config(config, "vision_config").get("image_size", 336))
+    layout = any_resolution(config, LLAVA_NEXT_IMAGE_SIDE, LLAVA_NEXT_IMAGE_SIDE)
+    token_id = int(config.get("image_token_id", config.get("image_token_index", 32000)))
+    n = plan.batch_size * plan.images
+
+    def make() -> dict[str, Any]:
+        ids = _ids_with_images(plan, token_id, layout.tokens)
+        inputs: dict[str, Any] = {"input_ids": ids, "labels": ids, "use_cache": False}
+        if n:
+            inputs["image_sizes"] = known_values([[LLAVA_NEXT_IMAGE_SIDE, LLAVA_NEXT_IMAGE_SIDE]] * n)
+        return inputs
+
+    def images() -> dict[str, Any]:
+        if not n:
+            return {}
+        return {"pixel_values": torch.zeros(n, layout.tiles, 3, tile, tile, dtype=_dtype(plan))}
+
+    return StepInputs(make, _own_loss, images)
+
+
+def _paligemma(model: Any, plan: TrainingPlan) -> StepInputs:
+    """PaliGemma: the images' tokens first, then the text; ``token_type_ids`` 0 on the prefix, 1 on the suffix.
+
+    Its processor, given the training target (``suffix=``), marks the prefix (images and prompt, which
+    attend to each other bidirectionally) with 0 and the suffix (causal, the tokens the loss is on) with
+    1; here the prefix is the images' tokens. Without images every token is suffix: the mask is built all
+    the same (the model makes it from ``token_type_ids``).
+    """
+    return _typed_images(model, plan, side=224, token_id=257152, image_type=0)
+
+
+def _idefics3(model: Any, plan: TrainingPlan) -> StepInputs:
+    """Idefics3 / SmolVLM: each image as its sub-images, with the processor's pixel mask.
+
+    ``pixel_values`` (batch, images * sub-images, 3, side, side) and ``pixel_attention_mask``
+    (batch, images * sub-images, side, side) of int64, all ones (no padding), as the processor
+    returns them (:data:`IDEFICS3_SUB_IMAGES`; ``--image-tokens`` sets how many sub-images). The
+    model reads which images are padding from the pixel values; the trace answers that none is
+    (:func:`~peftaudit.memory.tracing.standins._idefics3_stand_ins`).
+    """
+    import torch
+
+    config = _config(model)
+    side = int(sub_config(config, "vision_config").get("image_size", 384))
+    tokens = image_tokens_of(config, plan)
+    subs = plan.images * (tokens // idefics3_sub_image_tokens(config))
+    token_id = int(config.get("image_token_id", 128257))
+
+    def make() -> dict[str, Any]:
+        ids = _ids_with_images(plan, token_id, tokens)
+        return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+    def images() -> dict[str, Any]:
+        if not plan.images:
+            return {}
+        return {
+            "pixel_values": torch.zeros(plan.batch_size, subs, 3, side, side, dtype=_dtype(plan)),
+            "pixel_attention_mask": torch.ones(plan.batch_size, subs, side, side, dtype=torch.long),
+        }
+
+    return StepInputs(make, _own_loss, images)
+
+
+def _qwen_vl_typed(model: Any, plan: TrainingPlan) -> StepInputs:
+    """Qwen2-VL and Qwen3-VL: Qwen2.5-VL's inputs, with ``mm_token_type_ids`` and ids whose values the trace knows.
+
+    With images they require the token types (the processor returns them, 1 on image tokens), and
+    their step reads the types' values (``get_rope_index`` lays out the 3-D positions from them);
+    Qwen3-VL also selects the image tokens' positions with a boolean mask made from the ids (its
+    deepstack features are added there). Both are tensors of known values
+    (:func:`~peftaudit.memory.tracing.standins.known_values`; 16 bytes per token, not counted).
+    """
+    from peftaudit.memory.tracing.standins import known_values
+
+    config = _config(model)
+    base = _qwen_vl(model, plan)  # its images, and its square grid of merged patches
+    if not plan.images:
+        return base
+    per_image = image_tokens_of(config, plan)
+    grid = round(per_image**0.5) * int(sub_config(config, "vision_config").get("spatial_merge_size", 2))
+    tokens, text = plan.images * per_image, plan.seq_len - plan.images * per_image
+    token_id = int(config.get("image_token_id", 151655))
+
+    def make() -> dict[str, Any]:
+        ids = known_values([[token_id] * tokens + [0] * text] * plan.batch_size)
+        return {
+            "input_ids": ids,
+            "labels": ids,
+            "mm_token_type_ids": known_values([[1] * tokens + [0] * text] * plan.batch_size),
+            "image_grid_thw": known_values([[1, grid, grid]] * (plan.batch_size * plan.images)),
+            "use_cache": False,
+        }
+
+    return StepInputs(make, _own_loss, base.images)
+
+
 #: ``model_type`` -> the function building that family's step inputs.
 FAMILIES: dict[str, Callable[[Any, TrainingPlan], StepInputs]] = {
     **{model_type: _vision for model_type in VISION_MODELS},
     "llava": _llava,
     "gemma3": _gemma3,
     "qwen2_5_vl": _qwen_vl,
-    "qwen2_vl": _qwen_vl,
+    "qwen2_vl": _qwen_vl_typed,
     "mllama": _mllama,
+    "llava_next": _llava_next,
+    "paligemma": _paligemma,
+    "idefics3": _idefics3,
+    "smolvlm": _idefics3,
+    "qwen3_vl": _qwen_vl_typed,
 }
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+from peftaudit.memory import keep_fp32
 from peftaudit.memory.plan import PlanError, TrainingPlan
 from peftaudit.memory.quantized import resolve
 from peftaudit.memory.tracing.autocast import emulate_autocast_in_recompute
+from peftaudit.memory.tracing.compat import attention_classes, lora_config_kwargs
 from peftaudit.memory.tracing.quantized import quantize_linears
 from peftaudit.units import SHORT_DTYPES
 
@@ -16,6 +19,27 @@ def unique_params(model: Any) -> list[Any]:
     for p in model.parameters():
         seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+@functools.cache
+def _experts_forward_code() -> Any:
+    """The code of the forward ``@use_experts_implementation`` gives every experts class, or ``None``.
+
+    The decorator wraps each class's forward in the same function (it dispatches on
+    ``config._experts_implementation``), so its code object identifies experts modules exactly.
+    """
+    import torch
+
+    try:
+        from transformers.integrations import use_experts_implementation
+    except ImportError:  # transformers before the experts interface: nothing to set
+        return None
+
+    class Probe(torch.nn.Module):
+        def forward(self) -> None:  # pragma: no cover - never called
+            return None
+
+    return use_experts_implementation(Probe).forward.__code__
 
 
 def prepare_model(
@@ -34,18 +58,20 @@ def prepare_model(
     adaptation = resolved.adaptation
     dtype = getattr(torch, SHORT_DTYPES[plan.weight_dtype])
     model.to(dtype)
+    _keep_fp32(model, inventory, plan.weight_dtype)
     impl = "sdpa" if plan.attention in ("sdpa", "flash") else "eager"
     model.config._attn_implementation = impl
+    experts_forward = _experts_forward_code()
     for sub in model.modules():
         cfg = getattr(sub, "config", None)
         if cfg is not None:
             cfg._attn_implementation = impl
-            if (
-                getattr(cfg, "_experts_implementation", None) is not None
-                or hasattr(cfg, "num_local_experts")
-                or hasattr(cfg, "num_experts")
-            ):
-                cfg._experts_implementation = "grouped_mm"
+        if experts_forward is not None and getattr(type(sub).forward, "__code__", None) is experts_forward:
+            # transformers' default kernel on GPUs, set where it is read: an experts module picks its
+            # kernel from its config at each call. Only there: a class without experts (BERT) refuses
+            # to be built again from a config that names one.
+            sub.config._experts_implementation = "grouped_mm"
+    attention_classes(model, impl)  # transformers < 4.48 chose them when it built the model (compat.py)
     extras: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
     if adaptation.quantization is not None:
         formats = resolved.checkpoint.formats(inventory) if resolved.checkpoint is not None else {}
@@ -61,7 +87,9 @@ def prepare_model(
             tied = {p.module for p in inventory.parameters if p.tied_with} | {
                 n.rpartition(".")[0] for p in inventory.parameters for n in p.tied_with
             }
-            skip = {head or ""} | tied
+            # and, as every transformers quantizer, what the model keeps in float32 (T5's wo)
+            kept = {m.path for m in inventory.modules if keep_fp32.never_quantized(inventory, m.path)}
+            skip = {head or ""} | tied | kept
         extras = quantize_linears(model, plan, adaptation.quantization, skip, formats)
         # What transformers sets on a bitsandbytes-quantized model; peft dispatches on it.
         model.is_loaded_in_4bit = adaptation.quantization in ("nf4", "fp4", "fp8", "int")
@@ -73,9 +101,10 @@ def prepare_model(
                     p.data = p.data.to(torch.float32)
     if plan.base_dtype in ("fp32", "bf16", "fp16"):
         base = getattr(torch, SHORT_DTYPES[plan.base_dtype])
+        fp32_names = keep_fp32.patterns(inventory, plan.base_dtype)
         for name, p in model.named_parameters():
             if name not in adaptation.trainable:
-                p.data = p.data.to(base)
+                p.data = p.data.to(torch.float32 if keep_fp32.kept_in_fp32(name, fp32_names) else base)
     if plan.gradient_checkpointing and plan.training:
         if hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,6 +113,25 @@ def prepare_model(
         emulate_autocast_in_recompute(model)
     model = _apply_method(model, plan, adaptation)
     return model, extras, notes
+
+
+def _keep_fp32(model: Any, inventory: Any, dtype: str) -> None:
+    """Put back in float32 what a ``dtype`` load keeps so: parameters and persistent buffers
+    (the state dict transformers loads), as :mod:`peftaudit.memory.keep_fp32` says."""
+    import torch
+
+    names = keep_fp32.patterns(inventory, dtype)
+    if not names:
+        return
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and keep_fp32.kept_in_fp32(prefix + name, names):
+                p.data = p.data.to(torch.float32)
+        for name, b in list(module._buffers.items()):
+            persistent = name not in module._non_persistent_buffers_set
+            if b is not None and persistent and b.is_floating_point() and keep_fp32.kept_in_fp32(prefix + name, names):
+                module._buffers[name] = b.to(torch.float32)
 
 
 def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
@@ -113,12 +161,16 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
         elif isinstance(targets, tuple):
             targets = list(targets)
         lora_kwargs: dict[str, Any] = {"lora_alpha": plan.lora_alpha, "bias": plan.lora_bias}
+        # Fields older peft releases lack (tracing/compat.py): dropped there while unset.
+        newer = {
+            "exclude_modules": list(plan.exclude) or None,
+            "target_parameters": list(plan.target_parameters) or None,
+        }
+        lora_kwargs.update(lora_config_kwargs(peft.LoraConfig, newer))
         config = peft.LoraConfig(
             r=plan.rank,
             lora_dropout=plan.dropout,
             target_modules=targets,
-            exclude_modules=list(plan.exclude) or None,
-            target_parameters=list(plan.target_parameters) or None,
             modules_to_save=list(plan.modules_to_save) or None,
             rank_pattern=dict(plan.rank_pattern),
             use_dora=plan.method == "dora",

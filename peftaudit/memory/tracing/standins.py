@@ -2,8 +2,9 @@
 
 Flash attention for SDPA (what CUDA's kernel keeps), CUDA's bool-mask dropout,
 the autocast shim, bf16-only grouped matmuls and transformers' "not packed"
-answer to packed-sequence detection (fake tensors have no values to read), and
-Qwen-VL's image grid as a tensor whose values the trace knows (:func:`known_values`).
+answer to packed-sequence detection (fake tensors have no values to read),
+Qwen-VL's image grid as a tensor whose values the trace knows (:func:`known_values`), and
+Idefics3/SmolVLM told that their images are real ones (:func:`_idefics3_stand_ins`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from peftaudit.memory.plan import TrainingPlan
 from peftaudit.memory.tracing.autocast import AUTOCAST, emulated_cast
+from peftaudit.memory.tracing.compat import balanced_topk, transformers_module
 from peftaudit.units import SHORT_DTYPES
 
 
@@ -98,6 +100,8 @@ def _known_class() -> Any:
             with torch._C.DisableTorchFunctionSubclass():
                 a, k = pytree.tree_map_only(cls, lambda t: t.as_subclass(torch.Tensor), (args, kwargs or {}))
                 if any(isinstance(t, FakeTensor) for t in pytree.tree_leaves((a, k))):
+                    if func in _indexing() and len(args) > 1:
+                        a = (a[0], _positions(args[1], cls), *a[2:])
                     return func(*a, **k)
                 with _disable_current_modes():
                     out = func(*a, **k)
@@ -105,6 +109,39 @@ def _known_class() -> Any:
 
     _KNOWN.append(KnownValues)
     return KnownValues
+
+
+def _indexing() -> tuple[Any, ...]:
+    import torch
+
+    return (torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_put)
+
+
+def _positions(index: Any, known: Any) -> Any:
+    """An index into a fake tensor with its known boolean masks as the positions they select.
+
+    A boolean mask selects as many rows as it has true values, which fake tensors cannot count;
+    a known mask's true positions (``nonzero``, on its values) select the same rows, with the
+    same operations and sizes after them (Qwen3-VL adds its deepstack features at the image
+    tokens' positions: ``hidden_states[visual_pos_masks, :]``).
+    """
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    items = index if isinstance(index, tuple | list) else (index,)
+    # A known integer index (a balanced MoE routing's token indices, tracing/compat.py) is made plain below.
+    if not any(isinstance(i, known) for i in items):
+        return index
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, known) and item.dtype == torch.bool:
+            with _disable_current_modes(), torch._C.DisableTorchFunctionSubclass():
+                out.extend(item.as_subclass(torch.Tensor).nonzero(as_tuple=True))
+        elif isinstance(item, known):
+            out.append(item.as_subclass(torch.Tensor))
+        else:
+            out.append(item)
+    return tuple(out)
 
 
 def _on_known_values(original: Callable[..., Any], one_sequence: bool) -> Callable[..., Any]:
@@ -143,6 +180,133 @@ def _one_sequence(cu_seqlens: Any) -> Any:
     import torch
 
     return torch.tensor([0, int(cu_seqlens[-1])], dtype=torch.int32)
+
+
+#: Qwen2/2.5-VL's modules: their vision helpers read the image grid's values.
+_QWEN_VL_MODULES = ("qwen2_vl.modeling_qwen2_vl", "qwen2_5_vl.modeling_qwen2_5_vl")
+#: Qwen3-VL's modules: the same helpers, and one more (:func:`_qwen_vl_stand_ins`).
+_QWEN3_VL_MODULES = ("qwen3_vl.modeling_qwen3_vl", "qwen3_vl_moe.modeling_qwen3_vl_moe")
+#: Idefics3's and SmolVLM's modules, and their models that take the images (:func:`_idefics3_stand_ins`).
+_IDEFICS3_MODULES = {"idefics3.modeling_idefics3": "Idefics3Model", "smolvlm.modeling_smolvlm": "SmolVLMModel"}
+
+
+def _qwen_vl_stand_ins(patch: Callable[[Any, str, Any], None]) -> None:
+    """Qwen-VL's other readers of values: its token types', and Qwen3-VL's grid in one more helper.
+
+    ``get_rope_index`` lays out the text's 3-D positions from the token types
+    (``mm_token_type_ids``, which the processor returns; Qwen2-VL and Qwen3-VL require them with
+    images) and the grid (``.tolist()``, ``.item()``). Qwen3-VL's vision tower resamples its learned
+    position embeddings to each image's grid (``get_vision_interpolation_indices_and_weights``:
+    indices and weights, a few kilobytes per image). Given known values (the step's inputs,
+    tracing/inputs.py), both run on them: the positions, 24 bytes per token, are not counted.
+    """
+    for module_name in (*_QWEN_VL_MODULES, *_QWEN3_VL_MODULES):
+        module = sys.modules.get(f"transformers.models.{module_name}")
+        if module is None:
+            continue
+        helper = "get_vision_interpolation_indices_and_weights"
+        if hasattr(module, helper):
+            patch(module, helper, _on_known_values(getattr(module, helper), False))
+        for cls in list(vars(module).values()):
+            if isinstance(cls, type) and "get_rope_index" in vars(cls):
+                patch(cls, "get_rope_index", _method_on_known_values(vars(cls)["get_rope_index"]))
+
+
+def _method_on_known_values(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A method run on its arguments' real values (outside fake mode) when every tensor among them is known."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+        from torch.utils import _pytree as pytree
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        known = _known_class()
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not tensors or not all(isinstance(t, known) for t in tensors):
+            return original(self, *args, **kwargs)
+        with _disable_current_modes():
+            out = original(self, *args, **kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return pytree.tree_map_only(torch.Tensor, lambda t: t.as_subclass(known), out)
+
+    return method
+
+
+def _idefics3_stand_ins(patch: Callable[[Any, str, Any], None]) -> None:
+    """Idefics3 and SmolVLM read their images' pixel values and their patch masks' values.
+
+    ``get_image_features`` drops the all-zero images a batch pads its samples with
+    (``pixel_values == 0``), which fake pixels cannot tell; the step's images are all real
+    (tracing/inputs.py pads none), so the comparison answers that (:func:`_real_images`) and the
+    images and masks it keeps are selected by known positions (:func:`_positions`): the same
+    copies as on a GPU. Its vision tower then makes the attention mask from the patch mask, all
+    true for images without padding, which transformers drops under SDPA and flash attention after
+    reading its values (``_ignore_bidirectional_mask_sdpa``): a fake patch mask is passed as no
+    padding mask, what an all-true one is (:func:`_unpadded`).
+    """
+    for module_name, model_class in _IDEFICS3_MODULES.items():
+        module = sys.modules.get(f"transformers.models.{module_name}")
+        if module is None:
+            continue
+        cls = getattr(module, model_class, None)
+        if cls is not None and "get_image_features" in vars(cls):
+            patch(cls, "get_image_features", _real_images(vars(cls)["get_image_features"]))
+        if hasattr(module, "create_bidirectional_mask"):
+            patch(module, "create_bidirectional_mask", _unpadded(module.create_bidirectional_mask))
+
+
+def _real_images(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``get_image_features`` told that no image is padding: its ``pixel_values == 0`` test answers no pixel is.
+
+    The comparison still runs on the fake pixels (its mask, one byte per value, is allocated and
+    freed as on a GPU); what it returns is a known all-false mask of that shape (one real byte,
+    broadcast), so the counts and selections after it are known.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    class NoZeroPixels(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.answered = False
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if not self.answered and func in (torch.Tensor.__eq__, torch.Tensor.eq, torch.eq) and _zero_test(args):
+                self.answered = True  # the padding test only: the vision tower runs after it
+                with _disable_current_modes():
+                    answer = torch.zeros((), dtype=torch.bool).expand(out.shape)
+                return answer.as_subclass(_known_class())
+            return out
+
+    def get_image_features(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with NoZeroPixels():
+            return original(self, *args, **kwargs)
+
+    return get_image_features
+
+
+def _zero_test(args: Any) -> bool:
+    """Whether ``args`` compare fake floating-point values with the number 0 (``pixel_values == 0.0``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if len(args) != 2 or isinstance(args[1], bool) or not isinstance(args[1], int | float) or args[1] != 0:
+        return False
+    return isinstance(args[0], FakeTensor) and args[0].is_floating_point()
+
+
+def _unpadded(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``create_bidirectional_mask`` given a fake (all-true) padding mask as none: see :func:`_idefics3_stand_ins`."""
+
+    def create_bidirectional_mask(*args: Any, **kwargs: Any) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if isinstance(kwargs.get("attention_mask"), FakeTensor):
+            kwargs["attention_mask"] = None
+        return original(*args, **kwargs)
+
+    return create_bidirectional_mask
 
 
 @contextlib.contextmanager
@@ -188,24 +352,33 @@ def stand_ins(plan: TrainingPlan) -> Iterator[None]:
     patch(torch, "autocast", AutocastShim)
     patch(torch, "is_autocast_enabled", is_enabled)
     # torch's grouped matmul takes bf16 only; transformers then uses its own fallback op.
-    from transformers.integrations import moe as hf_moe
-
-    real_can_use = hf_moe._can_use_grouped_mm
-    patch(hf_moe, "_can_use_grouped_mm", lambda i, w, o: w.dtype == torch.bfloat16 and real_can_use(i, w, o))
+    # (Older transformers lack both modules patched below: tracing/compat.py.)
+    hf_moe = transformers_module("integrations.moe")
+    if hf_moe is not None:
+        real_can_use = hf_moe._can_use_grouped_mm
+        patch(hf_moe, "_can_use_grouped_mm", lambda i, w, o: w.dtype == torch.bfloat16 and real_can_use(i, w, o))
+    else:  # per-expert loops pick tokens by the router's values: a known balanced routing
+        patch(torch, "topk", balanced_topk(torch.topk))
     # transformers detects packed sequences from position ids by reading their values; fake
     # tensors have none, so it would assume packing and build a full mask. A real unpacked
     # batch gives None (and SDPA runs causal, with native GQA).
-    from transformers import masking_utils
-
-    patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    masking_utils = transformers_module("masking_utils")
+    if masking_utils is not None:
+        patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     # Qwen2/2.5-VL's vision helpers read the image grid's values: given a grid of known values
     # (known_values), they run on those, and what they return stays known (the attention's split
     # reads its lengths). Only where the model's module is loaded: the model is built before.
-    for module_name in ("qwen2_vl.modeling_qwen2_vl", "qwen2_5_vl.modeling_qwen2_5_vl"):
+    for module_name in (*_QWEN_VL_MODULES, *_QWEN3_VL_MODULES):
         module = sys.modules.get(f"transformers.models.{module_name}")
         for helper in ("get_vision_attention_seqlens", "get_vision_position_ids", "get_vision_window_index"):
             if module is not None and hasattr(module, helper):
                 patch(module, helper, _on_known_values(getattr(module, helper), plan.attention != "eager"))
+    _qwen_vl_stand_ins(patch)
+    _idefics3_stand_ins(patch)
+    # LLaVA-NeXT packs its images' tiles one image at a time: at once here (tracing/anyres.py).
+    from peftaudit.memory.tracing import anyres
+
+    anyres.install(patch)
     try:
         yield
     finally:
