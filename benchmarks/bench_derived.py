@@ -3,6 +3,8 @@
     python benchmarks/bench_derived.py            # speed, then the whole catalog against the trace
     python benchmarks/bench_derived.py --speed    # speed only
     python benchmarks/bench_derived.py --accuracy # accuracy only (a markdown table for docs/memory.md)
+    python benchmarks/bench_derived.py --accuracy --only Qwen/Qwen3-VL-8B-Instruct,google/paligemma-3b-pt-224
+                                                  # the rows of some models (to merge into the table)
 
 Speed: for one catalog model of every family no layer program reads, the first estimate
 (deriving the profile: three traces of a depth-reduced copy), timed in this process after
@@ -64,13 +66,15 @@ def speed() -> None:
         print(f"| {model_id} | {model_type} | {first:.1f} s | {rate:,.0f} |", flush=True)
 
 
-def accuracy() -> None:
+def accuracy(only: set[str] | None = None) -> None:
     from catalog_accuracy import SHAPES, catalog_configs, compare
 
     print("| model | plan | estimate (GiB) | trace (GiB) | error | note |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
     errors: list[float] = []
     for model_id in catalog_configs():
+        if only is not None and model_id not in only:
+            continue
         for shape in SHAPES:
             r = compare(model_id, shape)
             gib = 1024**3
@@ -90,8 +94,10 @@ def accuracy() -> None:
 
 
 if __name__ == "__main__":
-    args = set(sys.argv[1:])
+    argv = sys.argv[1:]
+    only = set(argv[argv.index("--only") + 1].split(",")) if "--only" in argv[:-1] else None
+    args = {a for a in argv if a.startswith("--") and a != "--only"}
     if not args or "--speed" in args:
         speed()
     if not args or "--accuracy" in args:
-        accuracy()
+        accuracy(only)

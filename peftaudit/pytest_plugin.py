@@ -41,6 +41,8 @@ MARKER_ARGUMENTS: dict[str, str] = {
     "seq_len": "sequence length for `fits` (default: the ini value, else 2048)",
     "batch_size": "micro-batch size for `fits` (default 1)",
     "gpus": "number of GPUs for `fits` (default 1)",
+    "stack": "releases the run uses for `fits`, e.g. 'transformers==4.44,peft==0.12' "
+    "(default: the ini value, else the installed ones)",
     "model": "name of the fixture holding the model to check (default: the only nn.Module fixture)",
 }
 
@@ -68,6 +70,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("peftaudit_gpu", "default GPU for @pytest.mark.peftaudit(fits=...) checks", default="")
     parser.addini("peftaudit_method", "default training method for `fits` checks", default="lora")
     parser.addini("peftaudit_seq_len", "default sequence length for `fits` checks", default="2048")
+    parser.addini(
+        "peftaudit_stack",
+        "default software stack for `fits` checks, e.g. transformers==4.44,peft==0.12 (default: installed)",
+        default="",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -97,6 +104,7 @@ class MarkerChecks:
     batch_size: int = 1
     gpus: int = 1
     model: str | None = None
+    stack: str | None = None
 
 
 def parse_marker(mark: pytest.Mark) -> MarkerChecks:
@@ -121,10 +129,18 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
         pass  # the default GPU, from --peftaudit-gpu or the ini file
     elif kw.get("fits") is not None and not (isinstance(kw["fits"], str) and kw["fits"].strip()):
         raise ValueError(f"@pytest.mark.peftaudit(fits=...) must be a GPU name or True, got {kw['fits']!r}")
-    for name in ("method", "model"):
+    for name in ("method", "model", "stack"):
         value = kw.get(name)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a non-empty string, got {value!r}")
+    if kw.get("stack") is not None:
+        from peftaudit.memory.plan import PlanError
+        from peftaudit.memory.stack import parse_stack
+
+        try:
+            parse_stack(kw["stack"])
+        except PlanError as exc:
+            raise ValueError(f"@pytest.mark.peftaudit(stack=...): {exc}") from None
     if not any(
         kw.get(k) is not None for k in ("max_trainable_fraction", "min_trainable_fraction", "max_trainable", "fits")
     ):
@@ -209,11 +225,26 @@ def _check_fit(config: pytest.Config, model: Any, checks: MarkerChecks, item: py
         )
     method = checks.method or str(config.getini("peftaudit_method")) or "lora"
     seq_len = checks.seq_len or int(str(config.getini("peftaudit_seq_len")) or 2048)
+    stack = checks.stack or str(config.getini("peftaudit_stack")).strip()
+    if stack and not checks.stack:
+        from peftaudit.memory.plan import PlanError
+        from peftaudit.memory.stack import parse_stack
+
+        try:
+            parse_stack(stack)
+        except PlanError as exc:
+            pytest.fail(f"the peftaudit_stack ini key: {exc}", pytrace=False)
     from peftaudit.errors import PeftauditError
 
     try:
         result = fit_live_model(
-            model, gpu=gpu_name, method=method, seq_len=seq_len, batch_size=checks.batch_size, gpus=checks.gpus
+            model,
+            gpu=gpu_name,
+            method=method,
+            seq_len=seq_len,
+            batch_size=checks.batch_size,
+            gpus=checks.gpus,
+            stack=stack,
         )
     except PeftauditError as exc:
         pytest.fail(f"@pytest.mark.peftaudit(fits=...): {exc}", pytrace=False)

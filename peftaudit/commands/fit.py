@@ -7,7 +7,7 @@ from typing import Any
 
 from peftaudit.commands._model import add_model_arguments
 from peftaudit.commands._output import emit, table_or_json, use_color, width
-from peftaudit.commands._plan import add_plan_arguments, model_and_plans
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans, stack_words
 from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
@@ -55,13 +55,23 @@ def run(args: argparse.Namespace) -> int:
             )
     if fmt == "json":
         emit(
-            dumps({"model": model.resolved.id, "gpu": gpu.name, "usable_bytes": gpu.usable_bytes, "results": results})
+            dumps(
+                {
+                    "model": model.resolved.id,
+                    "gpu": gpu.name,
+                    "usable_bytes": gpu.usable_bytes,
+                    "stack": dict(plans[0].stack),
+                    "results": results,
+                }
+            )
             + "\n",
             args,
         )
         return ExitCode.OK
     out, buffer = render.console(width(args), use_color(args))
-    out.print(f"{model.resolved.id} on one {gpu.name} ({gpu.usable_gib:.1f} GiB usable)", markup=False)
+    out.print(
+        f"{model.resolved.id} on one {gpu.name} ({gpu.usable_gib:.1f} GiB usable){stack_words(plans[0])}", markup=False
+    )
     render.fit_table(
         [
             (

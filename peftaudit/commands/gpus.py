@@ -7,7 +7,7 @@ from typing import Any
 
 from peftaudit.commands._model import add_model_arguments
 from peftaudit.commands._output import emit, table_or_json, use_color, width
-from peftaudit.commands._plan import add_plan_arguments, model_and_plans
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans, stack_words
 from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         }
         emit(dumps(data) + "\n", args)
         return ExitCode.OK
-    out.print(f"{model.resolved.id}: batch {plans[0].batch_size} x seq {plans[0].seq_len:,} per GPU", markup=False)
+    out.print(
+        f"{model.resolved.id}: batch {plans[0].batch_size} x seq {plans[0].seq_len:,} per GPU{stack_words(plans[0])}",
+        markup=False,
+    )
     render.sweep_table(rows, [p.method for p in plans], gpus, out)
     render.seq_chart(curve, limits, out)
     emit(buffer.getvalue(), args)

@@ -8,7 +8,7 @@ from typing import Any
 
 from peftaudit.commands._model import add_model_arguments
 from peftaudit.commands._output import emit, non_negative_float, positive_float, table_or_json, use_color, width
-from peftaudit.commands._plan import add_plan_arguments, model_and_plans
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans, stack_words
 from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
@@ -72,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
         )
         lines += [f"{plan.method}:", *(f"  {line}" for line in render.cost_lines(chosen, cost, steps, step_seconds))]
     if fmt == "json":
-        emit(dumps({"model": model.resolved.id, "gpu": gpu.name, "tokens": tokens, "plans": rows}) + "\n", args)
+        data = {"model": model.resolved.id, "gpu": gpu.name, "tokens": tokens, "stack": dict(plans[0].stack)}
+        emit(dumps({**data, "plans": rows}) + "\n", args)
         return ExitCode.OK
     out, buffer = render.console(width(args), use_color(args))
-    out.print(f"{model.resolved.id}: {tokens:,} tokens on {gpu.name}", markup=False)
+    out.print(f"{model.resolved.id}: {tokens:,} tokens on {gpu.name}{stack_words(plans[0])}", markup=False)
     for line in lines:
         out.print(line, markup=False)
     emit(buffer.getvalue(), args)

@@ -17,7 +17,7 @@ EXPORTS = ("peft", "peft-json", "axolotl", "llama-factory", "trl")
 
 
 def add_parser(sub: Any) -> None:
-    from peftaudit.memory.cli import plan_default
+    from peftaudit.memory.cli import STACK_FLAG, add_flag, plan_default
 
     parser = sub.add_parser(
         "recommend",
@@ -50,6 +50,7 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="tokens per sequence (default %(default)s)",
     )
+    add_flag(plan, STACK_FLAG)  # the estimator's own --stack, as report, fit, gpus and plan have it
     plan.add_argument("--add-tokens", type=int, default=0, metavar="N", help="tokens you add to the tokenizer")
     lora = parser.add_argument_group("LoRA (fix any of these yourself; the rest is recommended)")
     lora.add_argument("--preset", choices=PRESETS, help="targets by preset (default: all-linear, +experts for MoE)")
@@ -94,6 +95,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftaudit.errors import PeftauditError
+    from peftaudit.memory.cli import STACK_FLAG
     from peftaudit.recommend.cli import gate
     from peftaudit.recommend.exports import export
     from peftaudit.recommend.recommendation import RecommendRequest, recommend
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         skip_checks=tuple(args.skip_check),
+        stack=STACK_FLAG.value(args.memory_stack) if args.memory_stack is not None else (),
     )
     loaded = load_model(args)
     rec = recommend(loaded.inventory, loaded.facts, request)

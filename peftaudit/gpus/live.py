@@ -24,9 +24,10 @@ class LiveFit:
     @property
     def summary(self) -> str:
         f = self.fit
+        named = ", ".join(f"{package} {version}" for package, version in dict(self.plan.get("stack") or {}).items())
         return (
             f"{self.model} {f.method} (r={self.plan.get('rank')}) batch {f.batch_size} x seq {f.seq_len:,} "
-            f"on {f.setup()} {f.gpu}"
+            f"on {f.setup()} {f.gpu}" + (f", stack {named}" if named else "")
         )
 
     def explain(self) -> str:
@@ -44,17 +45,26 @@ class LiveFit:
 
 
 def fit_live_model(
-    model: Any, *, gpu: str, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1
+    model: Any,
+    *,
+    gpu: str,
+    method: str = "lora",
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    gpus: int = 1,
+    stack: str | tuple[tuple[str, str], ...] = (),
 ) -> LiveFit:
     """Estimate ``model``'s training plan on ``gpu``, reading LoRA settings from a PeftModel.
 
     The architecture comes from the model's config (rebuilt on the meta device,
     so the live weights are never touched); rank, targets and
-    ``modules_to_save`` come from the PeftModel's active adapter config.
+    ``modules_to_save`` come from the PeftModel's active adapter config. ``stack``: the
+    releases the run uses (``"transformers==4.44,peft==0.12"``; default the installed ones).
     """
     from peftaudit.gpus.catalog import find_gpu
     from peftaudit.gpus.sizing import fit
     from peftaudit.memory import TrainingPlan
+    from peftaudit.memory.stack import normalize_stack
     from peftaudit.sources.load import load_config
 
     config = getattr(model, "config", None)
@@ -93,6 +103,7 @@ def fit_live_model(
         batch_size=batch_size,
         gpus=gpus,
         sharding="ddp" if gpus > 1 else "none",
+        stack=normalize_stack(stack) if stack else (),
         **fields,
     )
     plan.validate()

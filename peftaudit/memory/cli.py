@@ -56,6 +56,7 @@ from peftaudit.memory.plan import (
     PlanError,
     TrainingPlan,
 )
+from peftaudit.memory.stack import parse_stack
 
 
 def plan_default(name: str) -> Any:
@@ -137,6 +138,16 @@ class PlanFlag:
 
 
 _switch = argparse.BooleanOptionalAction
+
+#: ``--stack``, also added on its own by commands with their own plan flags (``recommend``).
+STACK_FLAG = PlanFlag(
+    "stack",
+    "--stack",
+    "releases the run uses, e.g. transformers==4.44,peft==0.12 (any of transformers, peft, bitsandbytes, "
+    "torch; default: the installed ones)",
+    "PKG==VER,...",
+    to_plan=parse_stack,
+)
 
 #: The plan's flags, in the order the help lists them.
 PLAN_FLAGS: tuple[PlanFlag, ...] = (
@@ -226,6 +237,7 @@ PLAN_FLAGS: tuple[PlanFlag, ...] = (
         "FRACTION",
         finite_float,
     ),
+    STACK_FLAG,
     PlanFlag("num_virtual_tokens", "--virtual-tokens", "prompt tuning tokens (default {default})", "N", int),
     PlanFlag(
         "trainable_layers",
@@ -251,25 +263,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--compare", dest="memory_compare", metavar="M1,M2", help="several methods side by side")
     for flag in PLAN_FLAGS:
-        options: dict[str, Any] = {
-            "metavar": flag.metavar,
-            "type": flag.parse,
-            "choices": flag.choices,
-            "action": flag.action,
-        }
-        g.add_argument(
-            flag.flag,
-            dest=flag.dest,
-            default=None,
-            help=flag.help.format(default=flag.shown_default()),
-            **{k: v for k, v in options.items() if v is not None},
-        )
+        add_flag(g, flag)
     g.add_argument(
         "--trace",
         dest="memory_trace",
         action="store_true",
         default=None,
         help="also simulate one real training step with fake tensors (slower, no GPU needed)",
+    )
+
+
+def add_flag(group: Any, flag: PlanFlag) -> None:
+    """Add one plan flag to ``group`` (a parser or argument group); its value is ``args.<flag.dest>``."""
+    options: dict[str, Any] = {
+        "metavar": flag.metavar,
+        "type": flag.parse,
+        "choices": flag.choices,
+        "action": flag.action,
+    }
+    group.add_argument(
+        flag.flag,
+        dest=flag.dest,
+        default=None,
+        help=flag.help.format(default=flag.shown_default()),
+        **{k: v for k, v in options.items() if v is not None},
     )
 
 
@@ -298,7 +315,8 @@ def plans_from_args(args: argparse.Namespace, *, default_methods: str | None = N
     given_by: dict[str, str] = {}
     for flag in PLAN_FLAGS:
         parsed = getattr(args, flag.dest, None)
-        if parsed is None or parsed == "":  # an empty --targets "" is as if not given
+        # An empty --targets "" is as if not given; an empty --stack "" is refused (parse_stack).
+        if parsed is None or (parsed == "" and flag.field != "stack"):
             continue
         if flag.field in given_by:
             raise PlanError(f"give {given_by[flag.field]} or {flag.flag}, not both")

@@ -177,6 +177,12 @@ class TrainingPlan:
     """CPU offload: ``optimizer`` (states and master weights), ``parameters`` (ZeRO-3/FSDP
     only) or ``both``."""
 
+    # --- software stack ------------------------------------------------------------------------
+    stack: tuple[tuple[str, str], ...] = ()
+    """Releases the run uses, as ``(package, version)`` pairs (``--stack transformers==4.44,peft==0.12``;
+    a dict or that text is accepted): transformers, peft, bitsandbytes, torch. Packages not named are
+    modelled at the installed release (:mod:`peftaudit.memory.stack`)."""
+
     # --- fixed costs ---------------------------------------------------------------------------
     cuda_context_bytes: int = 1024 * MIB
     """CUDA context, cuBLAS/cuDNN workspaces and kernels, allocated outside PyTorch's
@@ -199,6 +205,19 @@ class TrainingPlan:
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.stack or (isinstance(self.stack, str) and not self.stack.strip()):
+            object.__setattr__(self, "stack", ())  # {}, [] and "" name nothing: the installed releases
+        else:
+            from peftaudit.memory.stack import normalize_stack
+
+            try:
+                object.__setattr__(self, "stack", normalize_stack(self.stack))
+            except PlanError:
+                # Kept (hashable) as given: validate() says what is wrong with it.
+                value = self.stack.items() if isinstance(self.stack, Mapping) else self.stack
+                if not isinstance(value, str):
+                    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                object.__setattr__(self, "stack", value)
 
     # --- derived -------------------------------------------------------------------------------
     @property
@@ -245,6 +264,7 @@ class TrainingPlan:
             data[key] = list(data[key])
         if isinstance(self.targets, tuple):
             data["targets"] = list(self.targets)
+        data["stack"] = dict(self.stack) if isinstance(self.stack, tuple) else self.stack
         return data
 
     @classmethod
@@ -274,6 +294,10 @@ class TrainingPlan:
         _one_of("sharding", self.sharding, SHARDINGS)
         _one_of("offload", self.offload, OFFLOADS)
         _one_of("lora_bias", self.lora_bias, LORA_BIAS)
+        if self.stack:
+            from peftaudit.memory.stack import normalize_stack
+
+            normalize_stack(self.stack)
         for name in ("batch_size", "seq_len", "gradient_accumulation", "gpus", "gpus_per_node"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

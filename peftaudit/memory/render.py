@@ -68,6 +68,20 @@ def _label(e: MemoryEstimate) -> str:
     return e.method if e.source == "analytic" else f"{e.method} ({e.source})"
 
 
+def _stack(e: MemoryEstimate) -> str:
+    """The releases the plan named (``"transformers 4.44, peft 0.12"``); ``""`` for the installed stack."""
+    named = e.plan.get("stack") or {}
+    return ", ".join(f"{package} {version}" for package, version in dict(named).items())
+
+
+def _stack_lines(estimates: Sequence[MemoryEstimate]) -> tuple[str, list[str]]:
+    """The stack all estimates share (``""``: none named, or they differ), and else one line each."""
+    stacks = [_stack(e) for e in estimates]
+    if len(set(stacks)) == 1:
+        return stacks[0], []
+    return "", [f"stack ({_label(e)}): {s or 'installed'}" for e, s in zip(estimates, stacks, strict=True)]
+
+
 def _shown(estimates: Sequence[MemoryEstimate]) -> list[str]:
     """Components that are non-zero in at least one estimate, in the fixed order."""
     return [c for c in COMPONENTS if any(e.components.get(c, 0) for e in estimates)]
@@ -81,7 +95,9 @@ def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, w
     if not estimates:
         return
     shown = _shown(estimates)
-    table = Table(title="Peak GPU memory per GPU (GiB)", title_justify="left", box=None, pad_edge=False, padding=(0, 1))
+    stack, stack_lines = _stack_lines(estimates)
+    title = "Peak GPU memory per GPU (GiB)" + (f", stack {stack}" if stack else "")
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False, padding=(0, 1))
     table.add_column("method", style="bold", no_wrap=True)
     for c in shown:
         table.add_column(_SHORT[c], justify="right", style=_STYLE[c], no_wrap=True)
@@ -105,6 +121,8 @@ def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, w
     for c in shown:
         legend.append(f"{_GLYPH[c]} {_SHORT[c]}  ", style=_STYLE[c])
     console.print(legend)
+    for line in stack_lines:
+        console.print(line, markup=False)
     for e in estimates:
         for w in e.warnings:
             console.print(f"[yellow]warning[/yellow] ({_label(e)}, {w.code}): {w.message}")
@@ -127,12 +145,16 @@ def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
     if not estimates:
         return ""
     shown = _shown(estimates)
+    stack, stack_lines = _stack_lines(estimates)
     head = ["method", *(_SHORT[c] for c in shown), "peak (GiB)", "peak at"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(shown) + 1) + ["---"]) + "|"]
     for e in estimates:
         cells = [_label(e), *(_gib(e.components.get(c, 0)) for c in shown), f"**{_gib(e.total_bytes)}**", e.peak_phase]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if stack or stack_lines:
+        lines += [f"Stack: {stack}"] if stack else stack_lines
+        lines.append("")
     for c in shown:
         lines.append(f"- **{_SHORT[c]}**: {COMPONENT_HELP[c]}")
     warnings = [(e, w) for e in estimates for w in e.warnings]

@@ -12,7 +12,8 @@ matching rules; this module adds what peft builds on them:
   ``lora_B`` of ``(out, r * experts)``.
 * For MoE models whose experts transformers 5 fused into 3-D parameters, peft
   rewrites the config (``_convert_peft_config_moe``): the old expert names map to
-  the fused parameters, and a fused ``gate_up_proj`` gets twice the rank.
+  the fused parameters, and a fused ``gate_up_proj`` gets twice the rank. Only
+  under transformers 5 (:func:`~peftaudit.memory.stack_rules.peft_converts_moe_targets`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from peftaudit.matching import (
     targets_match,
 )
 from peftaudit.memory.plan import PlanError, TrainingPlan
+from peftaudit.memory.stack_rules import peft_converts_moe_targets
 
 #: peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` for the families we model.
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -166,7 +168,7 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
         names = set(targets)
 
     base = _MOE_BASE.get(model_type)
-    if base is not None:
+    if base is not None and peft_converts_moe_targets(inventory, plan):
         names, target_parameters, rank_pattern = _convert_moe(
             inventory, names, target_parameters, rank_pattern, base, plan
         )

@@ -41,6 +41,8 @@ class MicroBatch:
     batch_size: int = 1
     seq_len: int = 2048
     gradient_checkpointing: bool = False
+    stack: tuple[tuple[str, str], ...] = ()
+    """Releases the run uses (``TrainingPlan.stack``)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ def training_plan(recipe: LoraRecipe, micro_batch: MicroBatch) -> TrainingPlan:
         batch_size=micro_batch.batch_size,
         seq_len=micro_batch.seq_len,
         gradient_checkpointing=micro_batch.gradient_checkpointing,
+        stack=micro_batch.stack,
     )
 
 

@@ -64,6 +64,8 @@ class RecommendRequest:
     batch_size: int = 1
     seq_len: int = 2048
     skip_checks: tuple[str, ...] = ()
+    stack: tuple[tuple[str, str], ...] = ()
+    """Releases the run uses (``TrainingPlan.stack``); the memory figures model them."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class Recommendation:
                     "model_type": self.model_type,
                     "total_params": self.total_params,
                 },
-                "request": asdict(self.request),
+                "request": {**asdict(self.request), "stack": dict(self.request.stack)},
                 "recommendation": {
                     "preset": self.preset,
                     "method": recipe.method,
@@ -219,7 +221,7 @@ def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest
             "with task_type SEQ_CLS peft trains the new head ('score' or 'classifier') in full"
         )
 
-    shape = MicroBatch(batch_size=request.batch_size, seq_len=request.seq_len)
+    shape = MicroBatch(batch_size=request.batch_size, seq_len=request.seq_len, stack=request.stack)
     budget: BudgetFit | None = None
     if request.budget_bytes is not None:
         recipe, budget, budget_reasons = fit_budget(

@@ -28,6 +28,8 @@ def render_recommendation(rec: Recommendation, fmt: str = "table") -> str:
         asked.append(f"{short(req.tokens)} training tokens")
     if req.budget_bytes:
         asked.append(f"budget {req.gpu + ' ' if req.gpu else ''}{gib(req.budget_bytes)}")
+    if req.stack:
+        asked.append("stack " + ", ".join(f"{package} {version}" for package, version in req.stack))
     out.append(", ".join(asked))
     out.append("")
 

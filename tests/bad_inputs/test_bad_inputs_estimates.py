@@ -1,4 +1,4 @@
-"""Bad-input rows for the memory estimator and ``plan`` (issue 11, items 13, 14 and 16).
+"""Bad-input rows for the memory estimator and ``plan`` (issue 11, items 13, 14 and 16; issue 14's ``--stack``).
 
 Every number here is written out from something outside peftaudit: the
 published configs and parameter counts of the catalog entries, the published
@@ -368,7 +368,32 @@ ISSUE_13_IMAGES = [
     ),
 ]
 
-CASES = [*ITEM_13, *ITEM_14, *ITEM_16, *ISSUE_13_IMAGES]
+# Issue 14, --stack: malformed releases are refused where they are typed, on every command that takes them.
+ISSUE_14_STACK = [
+    Case("14.stack-empty", ["report", "gpt2", "--method", "lora", "--stack", ""], stderr=r"the stack is empty"),
+    Case(
+        "14.stack-unknown-package",
+        ["fit", "gpt2", "--gpu", "H100", "--stack", "transformers==4.44,accelerate==1.0"],
+        stderr=r"unknown package 'accelerate' in stack; known: transformers, peft, bitsandbytes, torch",
+    ),
+    Case(
+        "14.stack-bad-version",
+        ["gpus", "gpt2", "--stack", "peft==zero.twelve"],
+        stderr=r"peft version 'zero.twelve' in stack is not a version",
+    ),
+    Case(
+        "14.stack-twice",
+        ["plan", "gpt2", "--tokens", "1M", "--gpu", "H100", "--stack", "peft==0.12,peft==0.13"],
+        stderr=r"peft is named twice in stack",
+    ),
+    Case(
+        "14.stack-not-a-pair",
+        ["recommend", "gpt2", "--stack", "transformers>=4.44"],
+        stderr=r"stack entry 'transformers>=4.44' is not PACKAGE==VERSION",
+    ),
+]
+
+CASES = [*ITEM_13, *ITEM_14, *ITEM_16, *ISSUE_13_IMAGES, *ISSUE_14_STACK]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -139,6 +139,8 @@ def test_failing_suite_explains_itself(suite: pytest.Pytester) -> None:
         ("max_trainable_fraction=2", "must be a number between 0 and 1, got 2"),
         ("", "needs at least one check"),
         ("seq_len=-4, fits='A10G'", "seq_len=...) must be a positive integer, got -4"),
+        ("stack='jax==0.4', fits='A10G'", "stack=...): unknown package 'jax' in stack"),
+        ("stack=4.44, fits='A10G'", "stack=...) must be a non-empty string, got 4.44"),
     ],
 )
 def test_marker_arguments_are_validated(suite: pytest.Pytester, marker: str, message: str) -> None:
@@ -255,6 +257,36 @@ def test_fits_marker_passes_and_fails_with_the_numbers(suite: pytest.Pytester) -
     )
     result.stdout.fnmatch_lines(["*@pytest.mark.peftaudit(fits=...): unknown GPU 'H1000'*"])
     result.stdout.fnmatch_lines(["fit     * qlora (r=16) batch 1 x seq 1,024 on 1x H100 SXM: fits  *"])
+
+
+def test_fits_marker_models_the_stack_from_the_marker_or_the_ini_key(suite: pytest.Pytester) -> None:
+    suite.makeini("[pytest]\naddopts = -p no:cacheprovider\npeftaudit_stack = transformers==4.44,peft==0.12\n")
+    suite.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.peftaudit(fits="H100", seq_len=64)
+        def test_from_ini(peft_model):
+            pass
+
+        @pytest.mark.peftaudit(fits="H100", seq_len=64, stack="peft==0.17")
+        def test_from_marker(peft_model):
+            pass
+        """
+    )
+    result = suite.runpytest("--peftaudit-report")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "fit     * on 1x H100 SXM, stack transformers 4.44, peft 0.12: fits  *",
+            "fit     * on 1x H100 SXM, stack peft 0.17: fits  *",
+        ],
+        consecutive=False,
+    )
+    suite.makeini("[pytest]\naddopts = -p no:cacheprovider\npeftaudit_stack = transformers=4.44\n")
+    bad = suite.runpytest()
+    bad.assert_outcomes(passed=1, failed=1)  # the marker's own stack overrides the malformed ini value
+    bad.stdout.fnmatch_lines(["*the peftaudit_stack ini key: stack entry 'transformers=4.44' is not PACKAGE==VERSION*"])
 
 
 def test_comparisons_of_verdicts_are_explained(suite: pytest.Pytester) -> None:

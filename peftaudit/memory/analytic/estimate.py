@@ -44,6 +44,8 @@ from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 from peftaudit.memory.quantized import base_storage, resolve
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStorage, MemoryEstimate
+from peftaudit.memory.stack import stack_of
+from peftaudit.memory.stack_rules import KV_EXPANDED, active_rules, inventory_view, stack_warnings
 
 _PROFILES: dict[int, tuple[weakref.ref[Inventory], dict[tuple[Any, ...], Any]]] = {}
 _WINDOWS = ("attention windows",)
@@ -59,6 +61,8 @@ _NOT_IN_PROFILE = {
     "cuda_context_bytes",
     "allocator_fraction",
     "optimizer_impl",
+    # The stack changes the step only through the rules it applies to the model (stack_rules), which key it.
+    "stack",
 }
 _PROFILE_FIELDS = tuple(f.name for f in dataclass_fields(TrainingPlan) if f.name not in _NOT_IN_PROFILE)
 
@@ -105,10 +109,19 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
         model_windows = store[_WINDOWS] = windows(inventory.config or {})
     # Past a sliding window the step builds the window's mask: the profile holds on one side of each.
     beyond = reached(model_windows, plan.seq_len)
-    key = (*_profile_key(plan), beyond, activations)
+    # An older stack's rules (stack_rules): the model as that release builds it, its step traced so.
+    rules = active_rules(inventory, plan)
+    key = (*_profile_key(plan), beyond, activations, plan.stack, rules)
     hit = store.get(key)
     if hit is not None:
         return hit
+    user_inventory = inventory
+    if rules:
+        view_key = ("stack view", rules, plan.weight_dtype)
+        view = store.get(view_key)
+        if view is None:
+            view = store[view_key] = inventory_view(inventory, rules, plan.weight_dtype)
+        inventory = view
     method = memory_methods()[plan.method]
     own = method.adapt(inventory, plan)
     # A checkpoint's own quantization_config decides how frozen weights are stored (--base-dtype wins).
@@ -117,6 +130,8 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     block = main_block(inventory)
     program = programs.lookup(inventory.model_type or "")
     shape = shape_of(inventory, program or programs.STAND_IN)
+    if KV_EXPANDED.name in rules:
+        shape = replace(shape, sdpa_repeats_kv=True)
     warnings = list(resolved.warnings)
     layout = ModelLayout(inventory, plan, adaptation, shape, block, checkpoint=resolved.checkpoint)
     static = static_memory(inventory, plan, adaptation, layout)
@@ -164,7 +179,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
         source = "derived"
         try:
             fields = {**dict(zip(_PROFILE_FIELDS, _profile_key(plan), strict=True)), "windows_reached": beyond}
-            derived = derive(inventory, plan, adaptation, fields)
+            derived = derive(inventory, plan, adaptation, fields, rules)
             profile = derived.profile
             if plan.loss == "chunked":
                 # The trace runs transformers' own loss; a fused chunked loss is the tape's.
@@ -198,7 +213,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
                     f"its step could not be traced ({exc})",
                 )
             )
-    warnings = warnings + _warnings(inventory, plan, adaptation)
+    warnings = warnings + _warnings(inventory, plan, adaptation) + stack_warnings(user_inventory, plan)
     storage = base_storage(
         resolved,
         plan,
@@ -255,6 +270,7 @@ def _plan_warnings(inventory: Inventory, plan: TrainingPlan) -> list[PlanWarning
                 "zero3-single-gpu", "ZeRO-3 on one GPU with nothing offloaded saves no memory; it only adds gathers"
             )
         )
+    out += stack_of(plan).warnings()  # stack-unknown: a release outside the traced ones
     return out
 
 

@@ -35,6 +35,9 @@ class ModelShape:
     """Residual/embedding dropout (GPT-2 ``resid_pdrop``, BERT ``hidden_dropout_prob``)."""
     attn_dropout: float = 0.0
     causal: bool = True
+    sdpa_repeats_kv: bool = False
+    """SDPA gets keys and values expanded to every head (``repeat_kv``), as transformers before 4.54
+    ran it (stack rule ``kv-expanded-before-sdpa``); later releases pass the grouped heads."""
 
 
 def shape_of(inventory: Inventory, program: LayerProgram) -> ModelShape:

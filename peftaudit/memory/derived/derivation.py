@@ -43,30 +43,40 @@ class Derived:
     inexact_bytes: float = 0.0
 
 
-def derive(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, plan_fields: Mapping[str, Any]) -> Derived:
+def derive(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    adaptation: Adaptation,
+    plan_fields: Mapping[str, Any],
+    rules: tuple[str, ...] = (),
+) -> Derived:
     """The step profile of ``inventory``'s model under ``plan``, from traces (module docstring).
 
     ``plan_fields``: the plan fields that change the step (batch size, sequence length and
     scale-out do not), which key the profile in the on-disk store
     (:mod:`~peftaudit.memory.derived.store`). Raises :class:`DerivationError` with a one-line
     reason when the model cannot be rebuilt or traced (remote code not trusted, an
-    operation fake tensors cannot run).
+    operation fake tensors cannot run). ``rules``: the plan's stack rules
+    (:mod:`~peftaudit.memory.stack_rules`); ``inventory`` is then their view of the model, and
+    the traced copy is rebuilt the same way.
     """
     from peftaudit.memory.derived import store
+    from peftaudit.memory.stack_rules import traced
 
     if not inventory.config:
         raise DerivationError("the model has no config to rebuild it from")
-    key = store.key_for(inventory.config, plan_fields)
+    rules = traced(rules)  # rules that only add buffers share the profile
+    key = store.key_for(inventory.config, plan_fields, rules)
     stored = store.load(key) if key is not None else None
     if stored is not None:
         return stored
-    derived = _derive(inventory, plan, adaptation)
+    derived = _derive(inventory, plan, adaptation, rules)
     if key is not None:
         store.store(key, derived)
     return derived
 
 
-def _derive(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation) -> Derived:
+def _derive(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, rules: tuple[str, ...] = ()) -> Derived:
     assert inventory.config is not None
     model_stacks = [s for s in stacks(inventory, adaptation) if s.layers]
     if not model_stacks:
@@ -79,14 +89,14 @@ def _derive(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation) ->
     points = POINTS[:2] if is_vision_model(inventory.config) else POINTS
     attention = plan.attention
     try:
-        cuts = [_trace(inventory, plan, model_stacks, b, base * m, adaptation.virtual_tokens) for b, m in points]
+        cuts = [_trace(inventory, plan, model_stacks, b, base * m, adaptation.virtual_tokens, rules) for b, m in points]
     except DerivationError as exc:
         if attention == "eager" or "does not support" not in str(exc):
             raise
         # transformers refuses SDPA for some models (Gemma 2's logit soft-capping); they train eager.
         attention = "eager"
         plan = replace(plan, attention="eager")
-        cuts = [_trace(inventory, plan, model_stacks, b, base * m, adaptation.virtual_tokens) for b, m in points]
+        cuts = [_trace(inventory, plan, model_stacks, b, base * m, adaptation.virtual_tokens, rules) for b, m in points]
     if plan.gradient_accumulation > 1:
         cuts = [_accumulating(c) for c in cuts]
     fitted = fit(cuts, base)
@@ -149,9 +159,16 @@ def _accumulating(c: Cut) -> Cut:
 
 
 def _trace(
-    inventory: Inventory, plan: TrainingPlan, model_stacks: list[Stack], batch: int, seq: int, virtual: int
+    inventory: Inventory,
+    plan: TrainingPlan,
+    model_stacks: list[Stack],
+    batch: int,
+    seq: int,
+    virtual: int,
+    rules: tuple[str, ...] = (),
 ) -> Cut:
     """One traced step of the depth-reduced copy at ``batch`` x ``seq`` (prompt tokens included)."""
+    from peftaudit.memory.stack_rules import tracing
     from peftaudit.memory.tracing.run import run_trace
 
     point = replace(
@@ -164,13 +181,13 @@ def _trace(
         offload="none",
         loss="default",
     )
-    model = _reduced_model(inventory, model_stacks)
+    model = _reduced_model(inventory, model_stacks, rules)
     watched = []
     for stack in model_stacks:
         container = model.get_submodule(stack.path)
         for position, index in enumerate(stack.kept):
             watched.append((f"{stack.path}.{index}", container[position]))
-    with _reasons():
+    with _reasons(), tracing(rules):
         result = run_trace(model, point, steps=1, layers=watched)
     if result.events is None:  # pragma: no cover - run_trace logs whenever layers are given
         raise DerivationError("the trace kept no event log")
@@ -178,9 +195,11 @@ def _trace(
     return cut(result.events, first)
 
 
-def _reduced_model(inventory: Inventory, model_stacks: list[Stack]) -> Any:
-    """The model rebuilt on meta with only the kept layers, under their own names (``layers.5``)."""
+def _reduced_model(inventory: Inventory, model_stacks: list[Stack], rules: tuple[str, ...] = ()) -> Any:
+    """The model rebuilt on meta with only the kept layers, under their own names (``layers.5``),
+    as the stack ``rules`` build it (:func:`~peftaudit.memory.stack_rules.apply_to_model`)."""
     from peftaudit.errors import PeftauditError
+    from peftaudit.memory.stack_rules import apply_to_model
     from peftaudit.sources.build import build_from_config
 
     config = dict(inventory.config or {})
@@ -198,6 +217,7 @@ def _reduced_model(inventory: Inventory, model_stacks: list[Stack]) -> Any:
         setattr(model.get_submodule(parent) if parent else model, name, kept)
     _feature_layer(model, model_stacks)
     _layer_positions(model, model_stacks)
+    apply_to_model(model, rules, inventory.model_type)
     return model
 
 

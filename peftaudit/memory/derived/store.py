@@ -2,9 +2,10 @@
 
 Entries are JSON (never pickles) in :func:`peftaudit.cache.profiles_dir`
 (``~/.cache/peftaudit/profiles``, or ``PEFTAUDIT_PROFILE_DIR``), keyed by the
-model's config, the plan fields that change the step, and the versions of
-peftaudit, torch, transformers and peft (another version may run another
-step). An entry that cannot be read back as a profile (truncated, edited, the
+model's config, the plan fields that change the step, the stack rules it was
+traced under (:mod:`peftaudit.memory.stack_rules`: an older release's step), and
+the versions of peftaudit, torch, transformers and peft (another version may run
+another step). An entry that cannot be read back as a profile (truncated, edited, the
 wrong shape) is a miss, derived again and overwritten. ``PEFTAUDIT_NO_CACHE=1``
 turns the store off, as it turns off the report cache.
 """
@@ -31,14 +32,19 @@ from peftaudit.memory.derived.derivation import Derived
 FORMAT = 2
 
 
-def key_for(config: Mapping[str, Any], plan_fields: Mapping[str, Any]) -> str | None:
-    """The entry's name for this config and plan shape, or ``None`` when caching is off."""
+def key_for(config: Mapping[str, Any], plan_fields: Mapping[str, Any], rules: tuple[str, ...] = ()) -> str | None:
+    """The entry's name for this config and plan shape, or ``None`` when caching is off.
+
+    ``rules``: the stack rules the step was traced under (:mod:`peftaudit.memory.stack_rules`),
+    by name; none (the installed stack) leaves the key as it was before there were rules.
+    """
     if not cache.enabled():
         return None
     versions = {dist: cache.installed_version(dist) for dist in ("torch", "transformers", "peft")}
-    text = json.dumps(
-        [FORMAT, __version__, versions, config, plan_fields], sort_keys=True, default=str, separators=(",", ":")
-    )
+    parts: list[Any] = [FORMAT, __version__, versions, config, plan_fields]
+    if rules:
+        parts.append({"stack_rules": list(rules)})
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

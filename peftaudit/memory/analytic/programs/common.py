@@ -79,6 +79,16 @@ def self_attention(
         if repeat:
             tp.drop(kr, vr)
         return out
+    if shape.sdpa_repeats_kv and shape.kv_heads and shape.kv_heads != heads:
+        # transformers < 4.54: repeat_kv before SDPA, which keeps the expanded copies for backward.
+        factor = heads / shape.kv_heads
+        kr = tp.new(scale(k.numel, factor), k.dtype)
+        tp.record([kr], [k])
+        vr = tp.new(scale(v.numel, factor), v.dtype)
+        tp.record([vr], [v])
+        out = ops.flash_attention(tp, ctx, q, kr, vr, heads)
+        tp.drop(kr, vr)
+        return out
     return ops.flash_attention(tp, ctx, q, k, v, heads)
 
 
