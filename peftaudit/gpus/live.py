@@ -24,7 +24,9 @@ class LiveFit:
     @property
     def summary(self) -> str:
         f = self.fit
-        named = ", ".join(f"{package} {version}" for package, version in dict(self.plan.get("stack") or {}).items())
+        from peftaudit.memory.stack import describe
+
+        named = describe(self.plan.get("stack"))
         return (
             f"{self.model} {f.method} (r={self.plan.get('rank')}) batch {f.batch_size} x seq {f.seq_len:,} "
             f"on {f.setup()} {f.gpu}" + (f", stack {named}" if named else "")

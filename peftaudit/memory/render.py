@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, MemoryEstimate
+from peftaudit.memory.stack import describe
 from peftaudit.units import GIB
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,8 +71,7 @@ def _label(e: MemoryEstimate) -> str:
 
 def _stack(e: MemoryEstimate) -> str:
     """The releases the plan named (``"transformers 4.44, peft 0.12"``); ``""`` for the installed stack."""
-    named = e.plan.get("stack") or {}
-    return ", ".join(f"{package} {version}" for package, version in dict(named).items())
+    return describe(e.plan.get("stack"))
 
 
 def _stack_lines(estimates: Sequence[MemoryEstimate]) -> tuple[str, list[str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
@@ -232,9 +232,13 @@ def _stack_from(pairs: tuple[tuple[str, str], ...]) -> SoftwareStack:
     return _build(versions, named=tuple(p for p in PACKAGES if p in named))
 
 
-def describe(pairs: tuple[tuple[str, str], ...]) -> str:
-    """The plan line's words for the named packages: ``"transformers 4.44, peft 0.12"`` ("" for none)."""
-    return ", ".join(f"{package} {version}" for package, version in pairs)
+def describe(pairs: Iterable[tuple[str, str]] | Mapping[str, str] | None) -> str:
+    """The plan line's words for the named packages: ``"transformers 4.44, peft 0.12"`` ("" for none).
+
+    ``pairs``: a plan's ``stack``, or its JSON form (``{"transformers": "4.44"}``).
+    """
+    items = pairs.items() if isinstance(pairs, Mapping) else (pairs or ())
+    return ", ".join(f"{package} {version}" for package, version in items)
 
 
 __all__ = [

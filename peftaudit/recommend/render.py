@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from peftaudit.memory.stack import describe
 from peftaudit.recommend.findings import Finding, counts
 from peftaudit.recommend.recommendation import Recommendation
 from peftaudit.recommend.references import REFERENCES
@@ -29,7 +30,7 @@ def render_recommendation(rec: Recommendation, fmt: str = "table") -> str:
     if req.budget_bytes:
         asked.append(f"budget {req.gpu + ' ' if req.gpu else ''}{gib(req.budget_bytes)}")
     if req.stack:
-        asked.append("stack " + ", ".join(f"{package} {version}" for package, version in req.stack))
+        asked.append("stack " + describe(req.stack))
     out.append(", ".join(asked))
     out.append("")
 
