@@ -11,15 +11,23 @@ the config the row names, with the row's settings and, where the plan takes one,
 stack. The figure it is compared with depends on what the source measured:
 
 - ``max_memory_allocated``: the estimate's allocated peak (total less CUDA context and allocator margin);
-- ``max_memory_reserved`` and ``memory_reserved_after_step_p99``: allocated plus allocator margin
-  (reserved memory does not hold the CUDA context);
-- ``nvidia-smi``, ``fits_in_capacity`` (the card's size) and ``unknown``: the whole total;
+- ``max_memory_reserved`` and ``memory_reserved_after_step_p99``: the estimate's reserved memory with
+  room to spare (``reserved_bytes`` where the estimate has it, else allocated plus allocator margin;
+  reserved memory does not hold the CUDA context);
+- ``nvidia-smi``: that reserved memory plus the CUDA context;
+- ``fits_in_capacity`` (the card's capacity) and ``unknown``: the whole total (what sizing decides with);
 - ``memory_allocated_after_step``: the optimizer step's allocated peak less its scratch (what
   ``memory_allocated()`` reads right after ``optimizer.step()``).
 
 The summary (median and worst error) covers the rows with a known stack and known settings; the
 others are listed apart, not dropped. Rows that miss by more than 15 % say what the estimate
 likely lacks.
+
+``fits_in_capacity`` rows (Unsloth's "largest context that fits" tables) are also compared the
+other way round: the longest sequence the estimate fits on the card, searched to the token with
+:func:`peftaudit.gpus.sizing.max_seq_len` (the search and the fit decision ``peftaudit fit``
+uses), against the published length. The card's capacity is the usable memory of the catalog
+GPU the row names in ``usable_gpu`` (what ``--gpu`` would use), else the row's own reading.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ KINDS: tuple[str, ...] = (
     "unknown",
 )
 MISS = 0.15
+#: Issue 14's criterion for a "largest context that fits" boundary (reported, not asserted).
+BOUNDARY_MISS = 0.10
 #: Row-id prefixes and the sources they stand for (the summary's per-source lines).
 SOURCES: dict[str, str] = {
     "llamafactory": "LLaMA-Factory wiki",
@@ -81,6 +91,10 @@ class Row:
     settings_note: str
     reading: str = ""
     """The data's own reading of a known miss (``likely_gap``), shown before the generic reasons."""
+    usable_gpu: str = ""
+    """``fits_in_capacity`` rows: the catalog GPU whose usable memory is the card's capacity."""
+    plan_when_supported: tuple[tuple[str, Any], ...] = ()
+    """Plan fields of the row's run (e.g. ``lengths: varied``) passed only where the plan has them."""
 
     @property
     def measured_bytes(self) -> float:
@@ -101,10 +115,31 @@ class Result:
     stack_applied: bool
     total_bytes: int
     allocated_bytes: int
+    reference_bytes: float
+    """What the estimate is compared with: the measured figure, or the card's capacity."""
 
     @property
     def error(self) -> float:
-        return self.estimate_bytes / self.row.measured_bytes - 1
+        return self.estimate_bytes / self.reference_bytes - 1
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A ``fits_in_capacity`` row: the estimate's longest fitting sequence against the published one."""
+
+    row: Row
+    capacity_bytes: int
+    capacity_basis: str
+    length: int
+    """The longest sequence (tokens) whose estimate fits the card; 0 when not even one token does."""
+
+    @property
+    def published(self) -> int:
+        return int(self.row.plan["seq_len"])
+
+    @property
+    def error(self) -> float:
+        return self.length / self.published - 1
 
 
 def load_rows(path: Path = DATA) -> list[Row]:
@@ -132,6 +167,8 @@ def load_rows(path: Path = DATA) -> list[Row]:
                     settings_known=bool(entry["settings_known"]),
                     settings_note=entry.get("settings_note", ""),
                     reading=entry.get("likely_gap", ""),
+                    usable_gpu=entry.get("usable_gpu", ""),
+                    plan_when_supported=tuple(entry.get("plan_when_supported", {}).items()),
                 )
             )
     return rows
@@ -174,8 +211,10 @@ def make_plan(row: Row, use_stack: bool) -> tuple[Any, bool]:
     from peftaudit.memory import TrainingPlan
 
     fields_ = dict(row.plan)
+    names = {f.name for f in fields(TrainingPlan)}
+    fields_.update((name, value) for name, value in row.plan_when_supported if name in names)
     stack = plan_stack(row) if use_stack and row.stack_known else {}
-    applied = bool(stack) and "stack" in {f.name for f in fields(TrainingPlan)}
+    applied = bool(stack) and "stack" in names
     if applied:
         fields_["stack"] = stack
     return TrainingPlan.from_dict(fields_), applied
@@ -184,10 +223,15 @@ def make_plan(row: Row, use_stack: bool) -> tuple[Any, bool]:
 def comparable(e: Any, plan: Any, kind: str) -> float:
     """The estimate's figure that means what the source measured (see the module docstring)."""
     context = e.components.get("cuda_context", 0)
+    # An estimate that models reserved memory says what max_memory_reserved shows with memory to
+    # spare (reserved_bytes); one that does not, allocated plus the allocator margin.
+    reserved = getattr(e, "reserved_bytes", 0) or e.total_bytes - context
     if kind == "max_memory_allocated":
         return float(e.allocated_bytes)
     if kind in ("max_memory_reserved", "memory_reserved_after_step_p99"):
-        return float(e.total_bytes - context)
+        return float(reserved)
+    if kind == "nvidia-smi":
+        return float(reserved + context)
     if kind == "memory_allocated_after_step":
         return float(e.phase_peaks["optimizer step"] - _step_scratch(e, plan))
     return float(e.total_bytes)
@@ -203,6 +247,33 @@ def _step_scratch(e: Any, plan: Any) -> int:
     return optimizer_memory(
         plan.optimizer, plan.optimizer_impl, [TrainableTensor((e.trainable_params,), dtype)]
     ).step_temporaries
+
+
+def card(row: Row) -> Any:
+    """The :class:`~peftaudit.gpus.catalog.GPU` a ``fits_in_capacity`` row's length fitted on.
+
+    A row that names a catalog GPU (``usable_gpu``) gets the bundled entry, whose usable memory
+    (with its source) is what ``peftaudit fit --gpu`` decides with; an unnamed card gets the
+    row's own reading of its size (``measured`` in ``unit``), said so in ``usable_source``.
+    """
+    from dataclasses import replace
+
+    from peftaudit.gpus.catalog import bundled_gpus
+
+    if row.usable_gpu:
+        named = [gpu for gpu in bundled_gpus() if gpu.name == row.usable_gpu]
+        if not named:
+            raise ValueError(f"{row.id}: usable_gpu {row.usable_gpu!r} is not a bundled GPU")
+        return named[0]
+    # Any bundled entry lends the fields sizing does not read; name and memory are the row's.
+    return replace(
+        bundled_gpus()[0],
+        name=row.gpu,
+        usable_bytes=round(row.measured_bytes),
+        usable_source=f"the row's reading: {row.measured:g} {row.unit}",
+        usable_estimated=True,
+        aliases=(),
+    )
 
 
 def evaluate(row: Row, use_stack: bool = True) -> Result:
@@ -222,29 +293,106 @@ def evaluate(row: Row, use_stack: bool = True) -> Result:
             # A stack the estimator refuses (a release outside every profile): the installed one.
             plan, applied = make_plan(row, use_stack=False)
             e = estimate(inv, plan)
-    return Result(row, comparable(e, plan, row.kind), applied, e.total_bytes, e.allocated_bytes)
+    reference = card(row).usable_bytes if row.kind == "fits_in_capacity" else row.measured_bytes
+    return Result(row, comparable(e, plan, row.kind), applied, e.total_bytes, e.allocated_bytes, reference)
 
 
-def largest_length(row: Row, use_stack: bool = True) -> int:
-    """``fits_in_capacity`` rows: the longest sequence whose estimated total fits the card (bisection)."""
-    from peftaudit.memory import TrainingPlan, estimate
+def boundary(row: Row, use_stack: bool = True) -> Boundary:
+    """The longest sequence, to the token, whose estimate fits the row's card (``fits_in_capacity`` rows).
 
-    base, _ = make_plan(row, use_stack)
-    inv = inventory(row.model)
-    low, high = 128, 4 * int(row.plan["seq_len"])
+    The search and the decision are :func:`peftaudit.gpus.sizing.max_seq_len`'s, the ones
+    ``peftaudit fit`` reports, so whatever figure sizing decides with (today the estimate's
+    total: allocated peak, allocator margin and CUDA context) is the one compared here.
+    """
+    from peftaudit.gpus.sizing import max_seq_len
 
-    def fits(length: int) -> bool:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plan = TrainingPlan.from_dict({**base.to_dict(), "seq_len": length})
-            return estimate(inv, plan).total_bytes <= row.measured_bytes
+    plan, _ = make_plan(row, use_stack)
+    gpu = card(row)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        length = max_seq_len(inventory(row.model), plan, gpu, step=1)
+    basis = f"catalog {gpu.name}: {gpu.usable_source}" if row.usable_gpu else gpu.usable_source
+    return Boundary(row, gpu.usable_bytes, basis, max(length, 0))
 
-    if not fits(low):
-        return 0
-    while high - low > max(16, low // 100):
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+
+#: Runs that published both an allocated and a reserved (or nvidia-smi) figure, whose reserved
+#: figure the allocator replay of the whole traced model is compared with (``--replay``): the
+#: row with the reserved figure and its allocated twin.
+REPLAYED: tuple[tuple[str, str], ...] = (
+    ("fms-mistral7b-full-bs4-nvidia-smi", "fms-mistral7b-full-bs4-allocated"),
+    ("fms-mistral7b-lora16-bs4-nvidia-smi", "fms-mistral7b-lora16-bs4-allocated"),
+    ("fms-mistral7b-qlora16-bs4-nvidia-smi", "fms-mistral7b-qlora16-bs4-allocated"),
+    ("peft-metamathqa-full", "peft-metamathqa-full-allocated"),
+    ("peft-metamathqa-lora32-qv", "peft-metamathqa-lora32-qv-allocated"),
+)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """A published reserved figure against the allocator replay of the whole model's traced steps."""
+
+    row: Row
+    allocated_row: Row
+    traced: Any
+    """The trace's :class:`~peftaudit.memory.result.MemoryEstimate` (``allocator_source`` ``replay``)."""
+
+    @property
+    def estimate_bytes(self) -> float:
+        return comparable(self.traced, None, self.row.kind)
+
+    @property
+    def error(self) -> float:
+        return self.estimate_bytes / self.row.measured_bytes - 1
+
+
+def replayed(row: Row, allocated_row: Row) -> Replayed:
+    """Trace ``row``'s plan on the whole model (fake tensors) and replay it through the allocator model.
+
+    The trace runs the installed stack (``trace`` models no other); the rows' allocated twins
+    show how far that is from the run's own allocated peak.
+    """
+    from peftaudit.memory import trace
+    from peftaudit.sources.base import SourceOptions, resolve
+
+    plan, _ = make_plan(row, use_stack=False)
+    resolved, source = resolve(row.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = trace(source.build(resolved, SourceOptions()), plan)
+    return Replayed(row, allocated_row, traced)
+
+
+def render_replayed(replays: Sequence[Replayed]) -> list[str]:
+    """The replay table: published reserved figures against the replay of the traced steps."""
+    lines = [
+        "The trace (`peftaudit report MODEL --trace`) runs two training steps of the whole model on fake "
+        "tensors and replays every allocation and free through the model of PyTorch's caching allocator "
+        "(`peftaudit/memory/allocator/`). For runs that published both an allocated and a reserved "
+        "figure, the replay's peak reserved (plus the 1 GiB CUDA context for nvidia-smi readings) against "
+        "the published one. The last column sets the run's own allocated figure (with its counter: the "
+        "peak, or what was allocated right after the optimizer step) beside the traced allocated peak.",
+        "",
+        "| row | measured | published | replay | error | the run's allocated figure (its counter) / traced peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in replays:
+        unit = _unit(r.row)
+        twin_unit = _unit(r.allocated_row)
+        lines.append(
+            f"| [{r.row.id}]({r.row.url}) | {r.row.kind} | {r.row.measured_bytes / UNITS[unit]:.2f} {unit} "
+            f"| {r.estimate_bytes / UNITS[unit]:.2f} {unit} | {100 * r.error:+.1f} % "
+            f"| {r.allocated_row.measured_bytes / UNITS[twin_unit]:.2f} ({r.allocated_row.kind}) / "
+            f"{r.traced.allocated_bytes / UNITS[twin_unit]:.2f} {twin_unit} |"
+        )
+    errors = [abs(r.error) for r in replays]
+    if errors:
+        within = sum(e <= 0.05 for e in errors)
+        lines += [
+            "",
+            f"{within} of {len(errors)} within 5 %; median |error| {100 * statistics.median(errors):.1f} %, "
+            f"worst {100 * max(errors):.1f} %.",
+        ]
+    return lines
 
 
 def likely_gap(result: Result) -> str:
@@ -262,7 +410,9 @@ def likely_gap(result: Result) -> str:
         and error < 0
         and not row.reading
     ):
-        reasons.append("the caching allocator's reserved memory above allocated (the estimate adds a flat 10 %)")
+        reasons.append(
+            "the caching allocator's reserved memory above allocated (above the estimate's allocator margin)"
+        )
     if row.kind == "nvidia-smi" and row.plan.get("gpus", 1) > 1 and error < 0 and not row.reading:
         reasons.append("NCCL and FSDP communication buffers")
     if row.kind == "memory_reserved_after_step_p99" and error > 0:
@@ -299,7 +449,12 @@ def _unit(row: Row) -> str:
     return "GB" if row.unit == "B" else ("GiB" if row.unit == "MiB" else row.unit)
 
 
-def render(results: Sequence[Result], lengths: dict[str, int], installed: Sequence[Result] = ()) -> str:
+def render(
+    results: Sequence[Result],
+    boundaries: Sequence[Boundary] = (),
+    installed: Sequence[Result] = (),
+    replays: Sequence[Replayed] = (),
+) -> str:
     """The markdown report: summary, the rows that count, the rows listed apart, the fit boundaries."""
     known = [r for r in results if r.row.known]
     apart = [r for r in results if not r.row.known]
@@ -307,12 +462,13 @@ def render(results: Sequence[Result], lengths: dict[str, int], installed: Sequen
     lines += [
         "Written by `benchmarks/calibration.py` from `tests/memory/data/measurements.json` (sources, stacks, "
         "GPUs, what each figure measured and the settings are in that file). Each row is the estimate "
-        "of the row's plan compared like with like: allocated with allocated, reserved with allocated "
-        "plus the allocator margin, nvidia-smi and card sizes with the whole total (CUDA context "
-        "included). Error = estimate / measured - 1.",
+        "of the row's plan compared like with like: allocated with allocated, reserved with what the "
+        "caching allocator reserves with memory to spare (`reserved_bytes`), nvidia-smi with that plus "
+        "the CUDA context, card capacities with the total sizing decides with (the least memory the "
+        "step runs in, CUDA context included). Error = estimate / measured - 1.",
         "",
     ]
-    lines += _summary(known, apart)
+    lines += _summary(known, apart, boundaries)
     lines += ["", "## Rows with known stack and settings", ""]
     lines += _table(known)
     lines += ["", "## Rows listed apart (stack, settings or the measured counter unknown)", ""]
@@ -338,22 +494,77 @@ def render(results: Sequence[Result], lengths: dict[str, int], installed: Sequen
                     f"{r.estimate_bytes / UNITS[unit]:.2f} {unit} | "
                     f"{100 * (r.estimate_bytes / i.estimate_bytes - 1):+.1f} % |"
                 )
-    if lengths:
-        lines += ["", "## Largest context that fits (fits_in_capacity rows)", ""]
-        lines += [
-            "| row | card | published length | estimate's longest length that fits | ratio |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        for r in results:
-            if r.row.id in lengths:
-                published, ours = int(r.row.plan["seq_len"]), lengths[r.row.id]
-                lines.append(
-                    f"| {r.row.id} | {r.row.measured:g} GiB | {published:,} | {ours:,} | {ours / published:.2f} |"
-                )
+    if boundaries:
+        lines += ["", "## Largest context that fits", ""]
+        lines += render_boundaries(boundaries)
+    if replays:
+        lines += ["", "## Reserved memory from the allocator replay", ""]
+        lines += render_replayed(replays)
     return "\n".join(lines) + "\n"
 
 
-def _summary(known: Sequence[Result], apart: Sequence[Result]) -> list[str]:
+def render_boundaries(boundaries: Sequence[Boundary]) -> list[str]:
+    """The boundary table: the estimate's longest fitting sequence against the published one, per card."""
+    lines = [
+        "Unsloth's Hugging Face + FA2 baseline columns publish the longest padded sequence that ran on a "
+        "card. Here the same plan is searched, to the token, for the longest sequence whose estimate fits "
+        "the card (`peftaudit.gpus.sizing.max_seq_len`, the search and fit decision of `peftaudit fit`). "
+        "A card the catalog names is read as its usable memory (source in the table; ref is "
+        "`shared/reference/gpus.md`); an unnamed card as the row's reading of its size. "
+        "Length error = ours / published - 1; issue 14 asks for "
+        f"{100 * BOUNDARY_MISS:.0f} %.",
+        "",
+        "| row | card | capacity (basis) | published length | estimate's longest length | length error |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for b in boundaries:
+        lines.append(
+            f"| {b.row.id} | {b.row.gpu} | {b.capacity_bytes / UNITS['GiB']:.2f} GiB ({b.capacity_basis}) | "
+            f"{b.published:,} | {b.length:,} | {100 * b.error:+.1f} % |"
+        )
+    lines += ["", "- " + boundary_summary(boundaries)]
+    lines += [f"- {line}" for line in _lines(boundaries)]
+    return lines
+
+
+def boundary_summary(boundaries: Sequence[Boundary]) -> str:
+    """One line: how many boundaries, median and worst length error, how many within 10 %."""
+    errors = [abs(b.error) for b in boundaries]
+    worst = max(boundaries, key=lambda b: abs(b.error))
+    return (
+        f"Largest context that fits: {len(boundaries)} rows, median |length error| "
+        f"{100 * statistics.median(errors):.1f} %, worst {100 * worst.error:+.1f} % ({worst.row.id}); "
+        f"{sum(e <= BOUNDARY_MISS for e in errors)} of {len(boundaries)} within {100 * BOUNDARY_MISS:.0f} %."
+    )
+
+
+def _lines(boundaries: Sequence[Boundary]) -> list[str]:
+    # A model with three or more cards: fit length = slope x size + intercept. The published lengths
+    # against the card size as printed (the row's reading), ours against the capacity searched. The
+    # slope is tokens per GiB (per-token memory), the size at zero length the fixed memory: the two
+    # say which one the estimate gets wrong.
+    lines = []
+    for model in dict.fromkeys(b.row.model for b in boundaries):
+        group = [b for b in boundaries if b.row.model == model and b.length > 0]
+        if len(group) < 3:
+            continue
+        printed = [b.row.measured_bytes / UNITS["GiB"] for b in group]
+        published = statistics.linear_regression(printed, [float(b.published) for b in group])
+        residual = max(
+            abs(b.published - (published.slope * x + published.intercept)) for b, x in zip(group, printed, strict=True)
+        )
+        capacity = [b.capacity_bytes / UNITS["GiB"] for b in group]
+        ours = statistics.linear_regression(capacity, [float(b.length) for b in group])
+        lines.append(
+            f"{model}, {len(group)} cards: the published lengths lie on one line of the printed card size within "
+            f"{residual:,.0f} tokens ({published.slope:,.1f} tokens per GiB, zero length at "
+            f"{-published.intercept / published.slope:.2f} GiB); the estimate's boundaries: "
+            f"{ours.slope:,.1f} tokens per GiB, zero length at {-ours.intercept / ours.slope:.2f} GiB."
+        )
+    return lines
+
+
+def _summary(known: Sequence[Result], apart: Sequence[Result], boundaries: Sequence[Boundary] = ()) -> list[str]:
     lines = ["## Summary", ""]
     if known:
         errors = [abs(r.error) for r in known]
@@ -385,6 +596,8 @@ def _summary(known: Sequence[Result], apart: Sequence[Result]) -> list[str]:
         )
     applied = sum(r.stack_applied for r in [*known, *apart])
     lines.append(f"- The row's stack was passed to the plan for {applied} of {len(known) + len(apart)} rows.")
+    if boundaries:
+        lines.append(f"- {boundary_summary(boundaries)}")
     return lines
 
 
@@ -403,7 +616,7 @@ def _table(results: Sequence[Result], with_note: bool = False) -> list[str]:
             short_stack(row),
             row.gpu,
             row.kind,
-            f"{row.measured_bytes / UNITS[unit]:.2f} {unit}",
+            f"{r.reference_bytes / UNITS[unit]:.2f} {unit}",
             f"{r.estimate_bytes / UNITS[unit]:.2f} {unit}",
             f"{100 * r.error:+.1f} %",
             likely_gap(r),
@@ -421,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-stack", action="store_true", help="estimate every row at the installed stack")
     parser.add_argument("--only", default="", help="rows whose id starts with this (printed, not written)")
     parser.add_argument("--out", type=Path, default=OUT, help="where to write the markdown (default: %(default)s)")
+    parser.add_argument(
+        "--no-replay", action="store_true", help="skip tracing and replaying the whole models of REPLAYED (~1 min)"
+    )
     args = parser.parse_args(argv)
     rows = [row for row in load_rows() if row.id.startswith(args.only)]
     results = []
@@ -428,9 +644,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(row, use_stack=not args.no_stack)
         print(f"{row.id}: {100 * result.error:+.1f} %", file=sys.stderr)
         results.append(result)
-    lengths = {r.row.id: largest_length(r.row, not args.no_stack) for r in results if r.row.kind == "fits_in_capacity"}
+    boundaries = [boundary(row, not args.no_stack) for row in rows if row.kind == "fits_in_capacity"]
+    for b in boundaries:
+        print(
+            f"{b.row.id}: longest {b.length:,} tokens, published {b.published:,} ({100 * b.error:+.1f} %)",
+            file=sys.stderr,
+        )
     installed = [] if args.no_stack else [evaluate(r.row, use_stack=False) for r in results]
-    text = render(results, lengths, installed)
+    by_id = {row.id: row for row in load_rows()}
+    replays = []
+    for reserved_id, allocated_id in [] if args.no_replay else REPLAYED:
+        if reserved_id.startswith(args.only):
+            replays.append(replayed(by_id[reserved_id], by_id[allocated_id]))
+            print(f"{reserved_id}: replay {100 * replays[-1].error:+.1f} %", file=sys.stderr)
+    text = render(results, boundaries, installed, replays)
     if args.only:
         print(text)
     else:

@@ -43,6 +43,8 @@ MARKER_ARGUMENTS: dict[str, str] = {
     "gpus": "number of GPUs for `fits` (default 1)",
     "stack": "releases the run uses for `fits`, e.g. 'transformers==4.44,peft==0.12' "
     "(default: the ini value, else the installed ones)",
+    "expandable_segments": "for `fits`: the run sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (default False)",
+    "lengths": "for `fits`: 'fixed' batch lengths (packed or padded) or 'varied' (default 'fixed')",
     "model": "name of the fixture holding the model to check (default: the only nn.Module fixture)",
 }
 
@@ -105,6 +107,8 @@ class MarkerChecks:
     gpus: int = 1
     model: str | None = None
     stack: str | None = None
+    expandable_segments: bool = False
+    lengths: str = "fixed"
 
 
 def parse_marker(mark: pytest.Mark) -> MarkerChecks:
@@ -133,6 +137,16 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
         value = kw.get(name)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a non-empty string, got {value!r}")
+    if not isinstance(kw.get("expandable_segments", False), bool):
+        raise ValueError(
+            f"@pytest.mark.peftaudit(expandable_segments=...) must be True or False, got {kw['expandable_segments']!r}"
+        )
+    from peftaudit.memory.plan import LENGTHS
+
+    if kw.get("lengths", "fixed") not in LENGTHS:
+        raise ValueError(
+            f"@pytest.mark.peftaudit(lengths=...) must be one of {', '.join(LENGTHS)}, got {kw['lengths']!r}"
+        )
     if kw.get("stack") is not None:
         from peftaudit.memory.plan import PlanError
         from peftaudit.memory.stack import parse_stack
@@ -245,6 +259,8 @@ def _check_fit(config: pytest.Config, model: Any, checks: MarkerChecks, item: py
             batch_size=checks.batch_size,
             gpus=checks.gpus,
             stack=stack,
+            expandable_segments=checks.expandable_segments,
+            lengths=checks.lengths,
         )
     except PeftauditError as exc:
         pytest.fail(f"@pytest.mark.peftaudit(fits=...): {exc}", pytrace=False)

@@ -55,6 +55,8 @@ def fit_live_model(
     batch_size: int = 1,
     gpus: int = 1,
     stack: str | tuple[tuple[str, str], ...] = (),
+    expandable_segments: bool = False,
+    lengths: str = "fixed",
 ) -> LiveFit:
     """Estimate ``model``'s training plan on ``gpu``, reading LoRA settings from a PeftModel.
 
@@ -62,6 +64,8 @@ def fit_live_model(
     so the live weights are never touched); rank, targets and
     ``modules_to_save`` come from the PeftModel's active adapter config. ``stack``: the
     releases the run uses (``"transformers==4.44,peft==0.12"``; default the installed ones).
+    ``expandable_segments`` and ``lengths`` (``fixed`` or ``varied``): how the caching allocator
+    is set up and what batches it sees (:class:`~peftaudit.memory.plan.TrainingPlan`).
     """
     from peftaudit.gpus.catalog import find_gpu
     from peftaudit.gpus.sizing import fit
@@ -106,6 +110,8 @@ def fit_live_model(
         gpus=gpus,
         sharding="ddp" if gpus > 1 else "none",
         stack=normalize_stack(stack) if stack else (),
+        expandable_segments=expandable_segments,
+        lengths=lengths,
         **fields,
     )
     plan.validate()

@@ -66,6 +66,9 @@ LOSSES: tuple[str, ...] = ("default", "chunked")
 SHARDINGS: tuple[str, ...] = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid")
 OFFLOADS: tuple[str, ...] = ("none", "optimizer", "parameters", "both")
 LORA_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
+#: ``fixed``: every batch is ``seq_len`` long (packed or padded); ``varied``: batches of varying
+#: length up to ``seq_len`` (dynamic padding), which leave the caching allocator more to keep.
+LENGTHS: tuple[str, ...] = ("fixed", "varied")
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 
 
@@ -188,9 +191,15 @@ class TrainingPlan:
     """CUDA context, cuBLAS/cuDNN workspaces and kernels, allocated outside PyTorch's
     allocator. Measured 300 MiB to 1.3 GiB per process (1343 MB in transformers' docs);
     1 GiB is what the published end-to-end measurements calibrate to (docs/memory.md)."""
-    allocator_fraction: float = 0.10
-    """Caching-allocator slack on top of the allocated peak (reserved minus allocated,
-    as a fraction of allocated)."""
+    allocator_fraction: float | None = None
+    """Caching-allocator slack on top of the allocated peak, as a fraction of allocated; ``None``
+    (the default) is what PyTorch's caching allocator needs for this plan shape, learned from
+    replays of traced steps (:mod:`peftaudit.memory.allocator.reserve`)."""
+    expandable_segments: bool = False
+    """``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: the allocator maps pages into one
+    growing segment per pool, which wastes less than fixed segments."""
+    lengths: str = "fixed"
+    """``fixed`` or ``varied`` batch lengths (:data:`LENGTHS`)."""
 
     def __post_init__(self) -> None:
         # Accept the natural Python spellings and keep the dataclass hashable.
@@ -328,7 +337,12 @@ class TrainingPlan:
             raise PlanError(f"trainable_layers must be >= 0, got {self.trainable_layers!r}")
         if not is_finite_number(self.cuda_context_bytes) or self.cuda_context_bytes < 0:
             raise PlanError(f"cuda_context_bytes must be a finite number >= 0, got {self.cuda_context_bytes!r}")
-        if not 0.0 <= self.allocator_fraction <= 4.0:
+        _one_of("lengths", self.lengths, LENGTHS)
+        if not isinstance(self.expandable_segments, bool):
+            raise PlanError(f"expandable_segments must be true or false, got {self.expandable_segments!r}")
+        if self.allocator_fraction is not None and not (
+            is_finite_number(self.allocator_fraction) and 0.0 <= self.allocator_fraction <= 4.0
+        ):
             raise PlanError(f"allocator_fraction must be between 0 and 4, got {self.allocator_fraction!r}")
         if self.sharding == "none" and self.gpus > 1:
             raise PlanError(f"{self.gpus} GPUs need a sharding strategy: ddp, zero1, zero2, zero3, fsdp or fsdp-hybrid")
@@ -364,6 +378,7 @@ __all__ = [
     "ADAPTER_DTYPES",
     "ATTENTIONS",
     "BASE_DTYPES",
+    "LENGTHS",
     "LOSSES",
     "OFFLOADS",
     "OPTIMIZERS",

@@ -123,11 +123,29 @@ def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, w
     console.print(legend)
     for line in stack_lines:
         console.print(line, markup=False)
+    reserved = _reserved_line(estimates)
+    if reserved:
+        console.print(reserved, markup=False, style="bright_black")
     for e in estimates:
         for w in e.warnings:
             console.print(f"[yellow]warning[/yellow] ({_label(e)}, {w.code}): {w.message}")
     for e, line in _storage_lines(estimates):
         console.print(Text.assemble(("note", "cyan"), f" ({_label(e)}, base storage): {line}"))
+
+
+def _reserved_line(estimates: Sequence[MemoryEstimate]) -> str:
+    """What PyTorch reserves where memory is plentiful, next to the peak (the least memory the step runs in)."""
+    known = [e for e in estimates if e.reserved_bytes]
+    if not known:
+        return ""
+    if len(known) == 1:
+        figures = f"{_gib(known[0].reserved_bytes)} GiB"
+    else:
+        figures = ", ".join(f"{_label(e)} {_gib(e.reserved_bytes)}" for e in known) + " GiB"
+    return (
+        "peak: the least memory the step runs in (CUDA context included); with memory to spare "
+        f"PyTorch reserves {figures} (max_memory_reserved; nvidia-smi adds the context)"
+    )
 
 
 def _storage_lines(estimates: Sequence[MemoryEstimate]) -> list[tuple[MemoryEstimate, str]]:
@@ -155,6 +173,9 @@ def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
     if stack or stack_lines:
         lines += [f"Stack: {stack}"] if stack else stack_lines
         lines.append("")
+    reserved = _reserved_line(estimates)
+    if reserved:
+        lines += [reserved[0].upper() + reserved[1:] + ".", ""]
     for c in shown:
         lines.append(f"- **{_SHORT[c]}**: {COMPONENT_HELP[c]}")
     warnings = [(e, w) for e in estimates for w in e.warnings]

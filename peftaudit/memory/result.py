@@ -41,7 +41,8 @@ COMPONENT_HELP: dict[str, str] = {
     "logits_and_loss": "logits, their fp32 upcast, log-softmax and its gradient",
     "temporaries": "gradients of activations in flight and kernel scratch at the peak",
     "cuda_context": "CUDA context, kernels and library workspaces outside PyTorch's allocator",
-    "allocator_margin": "caching-allocator slack: reserved but not allocated",
+    "allocator_margin": "caching allocator: the least device memory the step runs in, above the tensors "
+    "(block rounding, cached segments, fragmentation)",
 }
 
 PHASES: tuple[str, ...] = ("forward", "backward", "optimizer step")
@@ -50,6 +51,11 @@ PHASES: tuple[str, ...] = ("forward", "backward", "optimizer step")
 #: a step profile derived from traces of a depth-reduced copy, a Llama-shaped stand-in where even
 #: the trace cannot run (the ``approximate-activations`` warning says why), or the trace itself.
 ACTIVATION_SOURCES: tuple[str, ...] = ("program", "derived", "stand-in", "trace")
+
+#: Where an estimate's allocator figures come from: a replay of the traced step through the
+#: caching-allocator model, factors learned from such replays per plan shape, or the flat
+#: fraction the plan gave (``--allocator-margin``) (:mod:`peftaudit.memory.allocator.reserve`).
+ALLOCATOR_SOURCES: tuple[str, ...] = ("replay", "learned", "flat")
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,12 @@ class MemoryEstimate:
     """For a checkpoint with its own ``quantization_config``: how its base weights are stored."""
     activations_source: str = "program"
     """Where the activation side came from: one of :data:`ACTIVATION_SOURCES`."""
+    reserved_bytes: int = 0
+    """Peak reserved on a GPU with memory to spare: what ``torch.cuda.max_memory_reserved`` shows
+    (no CUDA context; nvidia-smi adds it). ``total_bytes`` is less: the least memory the step runs
+    in, where the allocator frees its cache and retries before giving up. 0: not known (older JSON)."""
+    allocator_source: str = "learned"
+    """Where the allocator's figures came from: one of :data:`ALLOCATOR_SOURCES`."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -157,6 +169,8 @@ class MemoryEstimate:
             "warnings": [w.to_dict() for w in self.warnings],
             "source": self.source,
             "activations_source": self.activations_source,
+            "reserved_bytes": self.reserved_bytes,
+            "allocator_source": self.allocator_source,
         }
         if self.base_storage is not None:
             data["base_storage"] = self.base_storage.to_dict()
@@ -178,4 +192,6 @@ class MemoryEstimate:
             source=str(data.get("source", "analytic")),
             base_storage=BaseStorage.from_dict(data["base_storage"]) if data.get("base_storage") else None,
             activations_source=str(data.get("activations_source", "program")),
+            reserved_bytes=int(data.get("reserved_bytes", 0)),
+            allocator_source=str(data.get("allocator_source", "learned")),
         )

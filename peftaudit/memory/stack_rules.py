@@ -36,6 +36,30 @@ in :data:`KV_EXPANDED_UNTIL_5`; SDPA attention, grouped-query models)
     Qwen2, Qwen2-MoE, StarCoder2, Falcon, Phi, StableLM, GPT-NeoX and Mixtral built a rotary
     embedding in every attention module, each with ``cos_cached``/``sin_cached`` buffers of
     ``max_position_embeddings x rotary dim`` in the load dtype: 16 MiB per Mixtral layer.
+
+``dora-eye-held`` (peft < 0.19; DoRA)
+    ``DoraLinearLayer.forward`` made ``x_eye = torch.eye(in_features)`` (in the input's dtype, fp32
+    after peft's input cast) as a local of forward, so the identity matrix, lora_A's autocast copy of
+    it, ``lora_weight`` and ``W.to(x.dtype)`` all live until the norm is taken and the forward
+    returns; 0.19 moved the eye into ``get_lora_weight``. +560 MiB at a Llama-3-8B ``down_proj``,
+    +8 % on the traced 1k-token DoRA step. The trace runs 0.17's forward (:func:`tracing`).
+
+``dora-base-recomputed`` (peft < 0.14; DoRA)
+    Before 0.14 DoRA's forward recomputed the base output, ``F.linear(x, W.to(x.dtype))``, instead
+    of reusing the base layer's result; under autocast that keeps a half-precision copy of every
+    adapted weight for the backward pass. With ``dora-eye-held``: +22 % on the traced step. The
+    trace runs 0.12's forward.
+
+``gemma2-sdpa`` (transformers < 5.21; Gemma 2 with ``attention="sdpa"``, the default)
+    Gemma 2 ran SDPA (its ``_supports_sdpa`` was true; 4.44 built ``Gemma2SdpaAttention`` and later
+    releases' ``sdpa_attention_forward`` ignored ``softcap``), dropping the attention logits'
+    soft-capping; 5.21 refuses SDPA for it and the step is eager's. -18 % on the traced Gemma-2-9B
+    LoRA step at 4k tokens. The trace allows SDPA and ignores ``softcap`` as those releases did.
+
+Measured and left without a rule (``benchmarks/results/stack_traces.md``): gradient checkpointing's
+reentrant default (transformers 4.x), the default attention implementation of the other text
+families (SDPA throughout), peft's fp32 adapters (``autocast_adapter_dtype``, since peft 0.12) and
+``prepare_model_for_kbit_training``'s upcast.
 """
 
 from __future__ import annotations
@@ -195,8 +219,62 @@ ROTARY_PER_LAYER = StackRule(
     traced=False,
 )
 
+
+def _dora_eye_held(stack: SoftwareStack, inventory: Inventory, plan: TrainingPlan) -> bool:
+    return plan.method == "dora" and stack.before("peft", "0.19")
+
+
+DORA_EYE_HELD = StackRule(
+    name="dora-eye-held",
+    summary="peft before 0.19 keeps DoRA's identity matrix (in x in, in the adapter dtype) and lora_A's "
+    "half-precision copy of it alive through every DoRA layer's forward",
+    source="https://github.com/huggingface/peft/blob/v0.17.1/src/peft/tuners/lora/dora.py "
+    "(DoraLinearLayer.forward: x_eye = torch.eye(...) a local of forward); moved into get_lora_weight, "
+    "freed before the norm, by https://github.com/huggingface/peft/pull/2661 (v0.19.0)",
+    applies=_dora_eye_held,
+)
+
+
+def _dora_base_recomputed(stack: SoftwareStack, inventory: Inventory, plan: TrainingPlan) -> bool:
+    return plan.method == "dora" and stack.before("peft", "0.14")
+
+
+DORA_BASE_RECOMPUTED = StackRule(
+    name="dora-base-recomputed",
+    summary="peft before 0.14 recomputes each DoRA layer's base output, F.linear(x, W.to(x.dtype)), and "
+    "under autocast keeps its half-precision copy of W for the backward pass",
+    source="https://github.com/huggingface/peft/blob/v0.12.0/src/peft/tuners/lora/dora.py "
+    "(DoraLinearLayer.forward); the base result is reused since https://github.com/huggingface/peft/pull/2122 "
+    "(v0.14.0)",
+    applies=_dora_base_recomputed,
+)
+
+
+def _gemma2_sdpa(stack: SoftwareStack, inventory: Inventory, plan: TrainingPlan) -> bool:
+    return inventory.model_type == "gemma2" and plan.attention == "sdpa" and stack.before("transformers", "5.21")
+
+
+GEMMA2_SDPA = StackRule(
+    name="gemma2-sdpa",
+    summary="transformers before 5.21 runs Gemma 2 with SDPA (its default attention) and drops the "
+    "attention logits' soft-capping; 5.21 refuses SDPA for Gemma 2, which then trains eager",
+    source="_supports_sdpa = True in "
+    "https://github.com/huggingface/transformers/blob/v5.20.2/src/transformers/models/gemma2/modeling_gemma2.py "
+    "(and in v4.44.2-v5.20.2; 4.44 built Gemma2SdpaAttention, which ignores attn_logit_softcapping, and "
+    "sdpa_attention_forward ignored the softcap argument until 5.21); _supports_sdpa = False "
+    "('sdpa does not support softcapping') at v5.21.0",
+    applies=_gemma2_sdpa,
+)
+
 #: Every rule, in the order they are applied.
-RULES: tuple[StackRule, ...] = (MOE_PER_EXPERT, KV_EXPANDED, ROTARY_PER_LAYER)
+RULES: tuple[StackRule, ...] = (
+    MOE_PER_EXPERT,
+    KV_EXPANDED,
+    ROTARY_PER_LAYER,
+    DORA_EYE_HELD,
+    DORA_BASE_RECOMPUTED,
+    GEMMA2_SDPA,
+)
 _BY_NAME = {rule.name: rule for rule in RULES}
 
 
@@ -454,11 +532,91 @@ def tracing(names: tuple[str, ...]) -> Iterator[None]:
 
         saved.append((tuners_utils, "is_transformers_ge_v5", tuners_utils.is_transformers_ge_v5))
         tuners_utils.is_transformers_ge_v5 = False
+    if DORA_EYE_HELD.name in names:
+        from peft.tuners.lora import dora
+
+        forward = _dora_forward_0_12 if DORA_BASE_RECOMPUTED.name in names else _dora_forward_0_14
+        saved.append((dora.DoraLinearLayer, "forward", dora.DoraLinearLayer.forward))
+        dora.DoraLinearLayer.forward = forward  # type: ignore[method-assign]
+    if GEMMA2_SDPA.name in names:
+        # SDPA as transformers < 5.21 runs it for Gemma 2: allowed, the soft-capping argument ignored.
+        from transformers.modeling_utils import AttentionInterface
+        from transformers.models.gemma2 import modeling_gemma2
+
+        pretrained = modeling_gemma2.Gemma2PreTrainedModel
+        saved.append((pretrained, "_supports_sdpa", pretrained.__dict__.get("_supports_sdpa", False)))
+        pretrained._supports_sdpa = True
+        mapping: dict[str, Any] = AttentionInterface._global_mapping
+        sdpa: Callable[..., Any] = mapping["sdpa"]
+
+        def sdpa_ignoring_softcap(*args: Any, softcap: Any = None, **kwargs: Any) -> Any:
+            return sdpa(*args, **kwargs)
+
+        mapping["sdpa"] = sdpa_ignoring_softcap
+        saved.append((_Item(mapping, "sdpa"), "value", sdpa))
     try:
         yield
     finally:
         for owner, name, value in reversed(saved):
             setattr(owner, name, value)
+
+
+class _Item:
+    """``mapping[key]`` as an attribute, so :func:`tracing` restores it like the others."""
+
+    def __init__(self, mapping: dict[str, Any], key: str) -> None:
+        self.__dict__["_target"] = (mapping, key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        mapping, key = self.__dict__["_target"]
+        mapping[key] = value
+
+
+def _dora_forward_0_14(
+    self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: float, base_layer: Any, base_result: Any = None, **_: Any
+) -> Any:
+    """``DoraLinearLayer.forward`` of peft 0.14-0.18 (the code at v0.17.1): ``x_eye`` lives until it returns."""
+    import torch
+    import torch.nn.functional as F
+    from peft.tuners.lora import dora
+
+    x_eye = torch.eye(lora_A.weight.shape[1], device=lora_A.weight.device, dtype=x.dtype)
+    lora_weight = lora_B(lora_A(x_eye)).T
+    magnitude = self.weight
+    weight: Any = dora.dequantize_module_weight(base_layer)
+    weight = weight.to(x.dtype)
+    weight_norm = self.get_weight_norm(weight, lora_weight.detach(), scaling).detach()
+    mag_norm_scale = (magnitude / weight_norm).view(1, -1)
+    lora_result = lora_B(lora_A(x))
+    if base_result is not None:
+        bias = base_layer.bias
+        if bias is not None:
+            base_result = base_result - bias
+    else:
+        base_result = F.linear(x, dora.transpose(weight, self.fan_in_fan_out))
+    return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+
+
+def _dora_forward_0_12(
+    self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: float, base_layer: Any, base_result: Any = None, **_: Any
+) -> Any:
+    """``DoraLinearLayer.forward`` of peft 0.12-0.13 (the code at v0.12.0): the base output is recomputed."""
+    import torch
+    import torch.nn.functional as F
+    from peft.tuners.lora import dora
+
+    del base_result  # 0.12 had no such argument: it always recomputes
+    lora_result = lora_B(lora_A(x))
+    x_eye = torch.eye(lora_A.weight.shape[1], device=lora_A.weight.device, dtype=x.dtype)
+    lora_weight = lora_B(lora_A(x_eye)).T
+    magnitude = self.weight
+    weight: Any = dora.dequantize_module_weight(base_layer)
+    weight = weight.to(x.dtype)
+    weight_norm = self.get_weight_norm(weight, lora_weight.detach(), scaling).detach()
+    mag_norm_scale = (magnitude / weight_norm).view(1, -1)
+    return (mag_norm_scale - 1) * (F.linear(x, dora.transpose(weight, self.fan_in_fan_out))) + (
+        mag_norm_scale * lora_result * scaling
+    )
 
 
 def peft_converts_moe_targets(inventory: Inventory, plan: TrainingPlan) -> bool:
@@ -476,6 +634,9 @@ def peft_converts_moe_targets(inventory: Inventory, plan: TrainingPlan) -> bool:
 
 
 __all__ = [
+    "DORA_BASE_RECOMPUTED",
+    "DORA_EYE_HELD",
+    "GEMMA2_SDPA",
     "KV_EXPANDED",
     "KV_EXPANDED_UNTIL_5",
     "MOE_PER_EXPERT",

@@ -400,7 +400,12 @@ def test_11_15_every_default_in_the_help_is_the_plans(command: str, capsys: pyte
         "--precision {": f"(default {plan.precision})",
         "--double-quant, --no-double-quant": "(default on)" if plan.double_quant else "(default off)",
         "--cuda-context MIB": f"(default {plan.cuda_context_bytes // MIB})",
-        "--allocator-margin FRACTION": f"(default {plan.allocator_fraction:.2f})",
+        "--allocator-margin FRACTION": "(default: learned from allocator replays)"
+        if plan.allocator_fraction is None
+        else f"(default {plan.allocator_fraction:.2f})",
+        "--expandable-segments, --no-expandable-segments": "(default on)"
+        if plan.expandable_segments
+        else "(default off)",
         "--virtual-tokens N": f"(default {plan.num_virtual_tokens})",
         "--trainable-layers N": f"(default {plan.trainable_layers})",
     }

@@ -21,6 +21,9 @@ import pytest
 from peftaudit.memory import TrainingPlan, estimate
 from peftaudit.memory.stack import SoftwareStack, parse_stack
 from peftaudit.memory.stack_rules import (
+    DORA_BASE_RECOMPUTED,
+    DORA_EYE_HELD,
+    GEMMA2_SDPA,
     KV_EXPANDED,
     MOE_PER_EXPERT,
     PER_EXPERT,
@@ -39,8 +42,10 @@ TOLERANCE = 0.03
 MIB = 1024 * 1024
 
 
-def _stack(transformers: tuple[int, ...], torch: tuple[int, ...] = (2, 13)) -> SoftwareStack:
-    return SoftwareStack(transformers=transformers, peft=(0, 17, 1), bitsandbytes=None, torch=torch)
+def _stack(
+    transformers: tuple[int, ...], torch: tuple[int, ...] = (2, 13), peft: tuple[int, ...] = (0, 17, 1)
+) -> SoftwareStack:
+    return SoftwareStack(transformers=transformers, peft=peft, bitsandbytes=None, torch=torch)
 
 
 @cache
@@ -276,3 +281,94 @@ def test_the_installed_stack_keeps_the_profile_key() -> None:
     config, fields = {"model_type": "llama"}, {"method": "lora"}
     assert store.key_for(config, fields) == store.key_for(config, fields, ())
     assert store.key_for(config, fields, (MOE_PER_EXPERT.name,)) != store.key_for(config, fields)
+
+
+@pytest.mark.parametrize(("case", "stack"), _rows("llama3-8b/dora-bf16/"))
+def test_dora_under_each_peft_matches_its_traced_peak(case: str, stack: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft 0.12 recomputes DoRA's base output and keeps its eye matrix (+22 % at 1k tokens), 0.15 and 0.17
+    keep the eye matrix (+8 %): the estimate with the stack named lands on each traced peak."""
+    _check(case, stack)
+    if "peft==0.2" in stack:
+        return
+    # Without the DoRA rules the estimate would miss the old releases' traced peaks.
+    import peftaudit.memory.stack_rules as stack_rules
+
+    monkeypatch.setattr(stack_rules, "RULES", tuple(r for r in stack_rules.RULES if not r.name.startswith("dora-")))
+    spec = _recorded()["cases"][case]
+    row = next(r for r in _recorded()["rows"] if r["case"] == case and r["stack"] == stack)
+    plan = TrainingPlan(**spec["plan"], stack=parse_stack(stack))
+    assert _allocated(estimate(_inventory(spec["model"]), plan)) / row["peak_allocated_bytes"] - 1 < -TOLERANCE
+
+
+def test_dora_rules_by_peft_release(inventory_of: Any) -> None:
+    llama, dora, lora = inventory_of("llama"), TrainingPlan(method="dora"), TrainingPlan(method="lora")
+    both = (DORA_EYE_HELD.name, DORA_BASE_RECOMPUTED.name)
+    expected = {(0, 12): both, (0, 13, 2): both, (0, 14): both[:1], (0, 18, 1): both[:1], (0, 19): (), (0, 21, 2): ()}
+    for peft, names in expected.items():
+        assert rules_for(_stack((5, 25), peft=peft), llama, dora) == names, peft
+        assert rules_for(_stack((5, 25), peft=peft), llama, lora) == (), peft
+
+
+def test_dora_tracing_swaps_the_forward_only_while_it_runs() -> None:
+    from peft.tuners.lora import dora
+
+    from peftaudit.memory import stack_rules
+
+    current = dora.DoraLinearLayer.forward
+    with tracing((DORA_EYE_HELD.name,)):
+        assert dora.DoraLinearLayer.forward is stack_rules._dora_forward_0_14
+    with tracing((DORA_EYE_HELD.name, DORA_BASE_RECOMPUTED.name)):
+        assert dora.DoraLinearLayer.forward is stack_rules._dora_forward_0_12
+    assert dora.DoraLinearLayer.forward is current
+
+
+@pytest.mark.parametrize(("case", "stack"), _rows("gemma2-9b/lora-bf16-sdpa/"))
+def test_gemma2_with_sdpa_before_5_21_matches_its_traced_peak(
+    case: str, stack: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers 4.44-5.20 run Gemma 2 with SDPA (soft-capping dropped); 5.21+ refuses it and trains eager
+    (the 5.25 row: the trace falls back to eager, as the estimate does)."""
+    _check(case, stack)
+    if "4.57" not in stack:
+        return
+    # Without the rule the estimate is eager's (what 5.25 trains with), 22 % above the traced SDPA step.
+    import peftaudit.memory.stack_rules as stack_rules
+
+    monkeypatch.setattr(stack_rules, "RULES", tuple(r for r in stack_rules.RULES if r is not GEMMA2_SDPA))
+    spec = _recorded()["cases"][case]
+    row = next(r for r in _recorded()["rows"] if r["case"] == case and r["stack"] == stack)
+    result = estimate(_inventory(spec["model"]), TrainingPlan(**spec["plan"], stack=parse_stack(stack)))
+    assert _allocated(result) / row["peak_allocated_bytes"] - 1 > TOLERANCE
+    assert "attention-unsupported" in {w.code for w in result.warnings}
+
+
+def test_gemma2_sdpa_rule_by_release(inventory_of: Any) -> None:
+    gemma2 = inventory_of(
+        {
+            "model_type": "gemma2",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "head_dim": 16,
+            "vocab_size": 256,
+        }
+    )
+    sdpa, eager = TrainingPlan(), TrainingPlan(attention="eager")
+    assert rules_for(_stack((5, 20, 2)), gemma2, sdpa) == (GEMMA2_SDPA.name,)
+    assert rules_for(_stack((4, 57, 6)), gemma2, sdpa) == (GEMMA2_SDPA.name,)
+    assert rules_for(_stack((5, 21)), gemma2, sdpa) == ()
+    assert rules_for(_stack((4, 57, 6)), gemma2, eager) == ()
+    assert GEMMA2_SDPA.name not in rules_for(_stack((4, 57, 6)), inventory_of("llama"), sdpa)
+
+
+def test_gemma2_tracing_allows_sdpa_only_while_it_runs() -> None:
+    from transformers.modeling_utils import AttentionInterface
+    from transformers.models.gemma2 import modeling_gemma2
+
+    before = (modeling_gemma2.Gemma2PreTrainedModel._supports_sdpa, AttentionInterface._global_mapping["sdpa"])
+    with tracing((GEMMA2_SDPA.name,)):
+        assert modeling_gemma2.Gemma2PreTrainedModel._supports_sdpa is True
+        assert AttentionInterface._global_mapping["sdpa"] is not before[1]
+    assert (modeling_gemma2.Gemma2PreTrainedModel._supports_sdpa, AttentionInterface._global_mapping["sdpa"]) == before

@@ -141,6 +141,8 @@ def test_failing_suite_explains_itself(suite: pytest.Pytester) -> None:
         ("seq_len=-4, fits='A10G'", "seq_len=...) must be a positive integer, got -4"),
         ("stack='jax==0.4', fits='A10G'", "stack=...): unknown package 'jax' in stack"),
         ("stack=4.44, fits='A10G'", "stack=...) must be a non-empty string, got 4.44"),
+        ("lengths='random', fits='A10G'", "lengths=...) must be one of fixed, varied, got 'random'"),
+        ("expandable_segments=1, fits='A10G'", "expandable_segments=...) must be True or False, got 1"),
     ],
 )
 def test_marker_arguments_are_validated(suite: pytest.Pytester, marker: str, message: str) -> None:
@@ -269,7 +271,7 @@ def test_fits_marker_models_the_stack_from_the_marker_or_the_ini_key(suite: pyte
         def test_from_ini(peft_model):
             pass
 
-        @pytest.mark.peftaudit(fits="H100", seq_len=64, stack="peft==0.17")
+        @pytest.mark.peftaudit(fits="H100", seq_len=64, stack="peft==0.17", expandable_segments=True, lengths="varied")
         def test_from_marker(peft_model):
             pass
         """

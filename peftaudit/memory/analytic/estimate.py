@@ -28,6 +28,7 @@ from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from peftaudit.inventory import Inventory
+from peftaudit.memory.allocator import reserve
 from peftaudit.memory.analytic import programs, sharding
 from peftaudit.memory.analytic.layout import ModelLayout, SyntheticLayout, layer_indices, main_block
 from peftaudit.memory.analytic.ops import Context
@@ -45,7 +46,14 @@ from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 from peftaudit.memory.quantized import base_storage, resolve
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStorage, MemoryEstimate
 from peftaudit.memory.stack import stack_of
-from peftaudit.memory.stack_rules import KV_EXPANDED, active_rules, inventory_view, stack_warnings
+from peftaudit.memory.stack_rules import (
+    DORA_BASE_RECOMPUTED,
+    DORA_EYE_HELD,
+    KV_EXPANDED,
+    active_rules,
+    inventory_view,
+    stack_warnings,
+)
 
 _PROFILES: dict[int, tuple[weakref.ref[Inventory], dict[tuple[Any, ...], Any]]] = {}
 _WINDOWS = ("attention windows",)
@@ -60,6 +68,8 @@ _NOT_IN_PROFILE = {
     "offload",
     "cuda_context_bytes",
     "allocator_fraction",
+    "expandable_segments",
+    "lengths",
     "optimizer_impl",
     # The stack changes the step only through the rules it applies to the model (stack_rules), which key it.
     "stack",
@@ -144,6 +154,8 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
             adapter_dtype=adapter_dtype,
             dropout=plan.dropout,
             training=plan.training,
+            dora_eye_held=DORA_EYE_HELD.name in rules,
+            dora_recomputes_base=DORA_BASE_RECOMPUTED.name in rules,
         )
 
     ids = layer_indices(inventory, block)
@@ -372,10 +384,12 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
     phase_peaks = {phase: int(sum(c.values())) for phase, c in candidates.items()}
     peak_phase = max(candidates, key=lambda p: (sum(candidates[p].values()), -PHASES.index(p)))
     comp = candidates[peak_phase]
-    allocated = sum(comp.values())
     components = {name: round(comp.get(name, 0.0)) for name in COMPONENTS}
+    # What the caching allocator holds above the tensors, learned per plan shape from replays.
+    overheads = reserve.learned(plan, components, result.per_layer)
+    allocated = sum(components.values())
     components["cuda_context"] = int(plan.cuda_context_bytes)
-    components["allocator_margin"] = round(allocated * plan.allocator_fraction)
+    components["allocator_margin"] = overheads.capacity
     total = sum(components.values())
     return MemoryEstimate(
         method=plan.method,
@@ -390,6 +404,8 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
         warnings=tuple(warnings) + tuple(_plan_warnings(inventory, plan)) + tuple(shard.warnings),
         base_storage=prepared.base_storage,
         activations_source=prepared.activations_source,
+        reserved_bytes=allocated + overheads.reserved,
+        allocator_source=overheads.source,
     )
 
 

@@ -178,16 +178,42 @@ def _dora(
     """peft's DoRA: the weight norm of W + scaling * B @ A is rebuilt every forward (as scratch)."""
     i, o, r = adapter.in_features, adapter.out_features, adapter.rank
     ad = nbytes_of(ctx.adapter_dtype)
-    # get_lora_weight: lora_B(lora_A(eye(in))).T, then W.to(x.dtype), W + s * BA, and its norm.
-    scratch = const(i * i * ad + i * r * ad + i * o * ad)
     w_cast = 0 if spec.dtype == ctx.adapter_dtype and spec.weight == "dense" else i * o * ad
-    tp.temporary(add(scratch, const(w_cast + 2 * i * o * ad)), COPIES)
+    held: Tensor | None = None
+    w_x: Tensor | None = None
+    cd = nbytes_of(ctx.compute) if ctx.autocast else ad
+    # lora_weight = lora_B(lora_A(eye(in))).T: the eye in x's dtype, lora_A's autocast copy of it (saved
+    # for lora_A's gradient while lora_weight lives), lora_A's output and lora_weight in the compute dtype.
+    eye_copy = i * i * cd if ctx.autocast and cd != ad else 0
+    if ctx.dora_eye_held:
+        # peft < 0.19 (stack rule dora-eye-held): the eye, lora_weight and W.to(x.dtype) are locals of
+        # DoraLinearLayer.forward, alive until it returns. The norm adds scaling * lora_weight
+        # (compute dtype) and W + that (x's dtype) on top.
+        kept = i * i * ad + eye_copy + i * r * cd + i * o * cd
+        if ctx.dora_recomputes_base and w_cast:
+            w_x = tp.new(const(i * o), ctx.adapter_dtype, cat=COPIES)  # W.to(x.dtype), F.linear's weight below
+        else:
+            kept += w_cast
+        held = tp.new(const(kept / ad), ctx.adapter_dtype, cat=COPIES)
+        tp.temporary(const(i * o * cd + i * o * ad), COPIES)
+    else:
+        # get_lora_weight frees its eye when it returns; forward then casts lora_weight to x's dtype (the
+        # half one goes), makes W.to(x.dtype), scaling * lora_weight and W + that, and takes the norm.
+        building = i * i * ad + eye_copy + i * r * cd + i * o * cd
+        lora_x = i * o * ad if cd != ad else i * o * cd
+        norm = eye_copy + i * r * cd + lora_x + w_cast + 2 * i * o * ad
+        tp.temporary(const(max(building, norm)), COPIES)
     magnitude = tp.param(o, ctx.adapter_dtype, True)
     mns = tp.new(const(o), ctx.adapter_dtype)
     tp.record([mns], [magnitude])
     xd = dropout(tp, ctx, xa, ctx.dropout)
     base = result
-    if ctx.dropout > 0 and ctx.training:
+    if ctx.dora_recomputes_base:
+        # peft < 0.14 (stack rule dora-base-recomputed): F.linear(x, W.to(x.dtype)) on every forward;
+        # under autocast its half-precision copy of W is saved for x's gradient.
+        w = w_x if w_x is not None else tp.param(i * o, spec.dtype, False)
+        base = matmul(tp, ctx, xd, w, out_numel)
+    elif ctx.dropout > 0 and ctx.training:
         # With dropout peft recomputes the base output on the dropped input.
         w = tp.param(i * o, spec.dtype, False)
         base = matmul(tp, ctx, xd, w, out_numel)
@@ -206,7 +232,7 @@ def _dora(
     dora = addt(tp, t1, t3)
     tp.drop(t1, t3)
     summed = addt(tp, result, dora)
-    tp.drop(result, dora)
+    tp.drop(result, dora, held, w_x)
     out = cast(tp, summed, result_dtype)
     tp.drop(summed)
     return out

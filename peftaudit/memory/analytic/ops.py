@@ -35,6 +35,12 @@ class Context:
     """LoRA dropout probability."""
     training: bool = True
     lora_scaling_is_one: bool = False
+    dora_eye_held: bool = False
+    """peft before 0.19: DoRA's forward keeps its identity matrix (and the autocast copy that
+    ``lora_A`` saves) until it returns (stack rule ``dora-eye-held``)."""
+    dora_recomputes_base: bool = False
+    """peft before 0.14: DoRA's forward recomputes the base output from the weight in the input's
+    dtype (stack rule ``dora-base-recomputed``)."""
     weight_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """Autocast's cache of half-precision copies of trainable leaf weights (weight, copy)."""
 

@@ -31,19 +31,24 @@ memory-faithful stand-ins, each kept small and explicit:
   subclasses (fake tensors) and in place for real tensors: the extra buffer of
   such an accumulation is not allowed to set the peak.
 
-Known gaps: kernel workspaces (cuBLAS, flash-attention's own scratch) are not
-tensors and are not seen; the CUDA context and the allocator's slack are added
-from the plan, as in the analytic estimate.
+Every allocation and free is logged and replayed through a model of PyTorch's CUDA
+caching allocator (:mod:`peftaudit.memory.allocator`): the allocator margin is the least
+device memory the steps run in above the allocated peak, and ``reserved_bytes`` what
+``max_memory_reserved`` would show with memory to spare (``--lengths varied``: four
+steps of growing length). Known gaps: kernel workspaces (cuBLAS, flash-attention's own
+scratch) are not tensors and are not seen; the CUDA context is added from the plan.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from peftaudit.memory.allocator import allocation_events, reserve, smallest_capacity
+from peftaudit.memory.allocator.reserve import Overheads, step_lengths
 from peftaudit.memory.checkpointing import check_checkpointing
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
 from peftaudit.memory.result import COMPONENTS, MemoryEstimate
-from peftaudit.memory.tracing.model import unique_params
+from peftaudit.memory.tracing.model import decoder_layers, unique_params
 from peftaudit.memory.tracing.run import TraceResult, run_trace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,11 +68,28 @@ def trace(model: torch.nn.Module, plan: TrainingPlan | None = None, *, steps: in
     if plan.loss == "chunked":
         raise PlanError("the trace runs transformers' own loss; a chunked loss is estimated analytically only")
     check_checkpointing(type(model), plan)
-    result = run_trace(model, plan, steps=steps)
+    if plan.lengths == "varied" and plan.images:
+        raise PlanError("--lengths varied is for text batches; a multimodal plan's images fix its token layout")
+    lengths = step_lengths(plan) if plan.lengths == "varied" else (plan.seq_len,) * steps
+    notes: list[PlanWarning] = []
+    if plan.attention != "eager" and getattr(model, "_supports_sdpa", True) is False:
+        # transformers refuses SDPA for some models (Gemma 2's logit soft-capping): they train eager,
+        # as the analytic estimate's derived profile says too.
+        notes.append(
+            PlanWarning(
+                "attention-unsupported",
+                f"transformers does not run {type(model).__name__} with {plan.attention} attention: "
+                "traced with eager attention, which it trains with",
+            )
+        )
+        plan = plan.with_(attention="eager")
+    watched = [(str(i), layer) for i, layer in enumerate(decoder_layers(model))]
+    result = run_trace(model, plan, layers=watched, lengths=lengths)
     components = dict(result.components)
     allocated = sum(components.values())
+    overheads = _replayed(result, plan, allocated)
     components["cuda_context"] = int(plan.cuda_context_bytes)
-    components["allocator_margin"] = round(allocated * plan.allocator_fraction)
+    components["allocator_margin"] = overheads.capacity
     ordered = {k: int(components.get(k, 0)) for k in COMPONENTS}
     return MemoryEstimate(
         method=plan.method,
@@ -79,10 +101,25 @@ def trace(model: torch.nn.Module, plan: TrainingPlan | None = None, *, steps: in
         trainable_params=result.trainable_params,
         total_params=sum(p.numel() for p in unique_params(model)),
         plan=plan.to_dict(),
-        warnings=tuple(PlanWarning("trace-note", n) for n in result.notes),
+        warnings=tuple(notes) + tuple(PlanWarning("trace-note", n) for n in result.notes),
         source="trace",
         activations_source="trace",
+        reserved_bytes=allocated + overheads.reserved,
+        allocator_source=overheads.source,
     )
+
+
+def _replayed(result: TraceResult, plan: TrainingPlan, allocated: int) -> Overheads:
+    """The traced step's allocations replayed through the caching-allocator model (a flat
+    ``plan.allocator_fraction`` instead, when the plan gives one)."""
+    given = reserve.flat(plan, allocated)
+    if given is not None:
+        return given
+    assert result.events is not None  # trace() always watches the layers, which logs the events
+    found = smallest_capacity(allocation_events(result.events), expandable_segments=plan.expandable_segments)
+    # Block rounding makes the replay's allocated peak a little above the tensors' own.
+    reserved = max(0, found.plentiful.peak_reserved - allocated)
+    return Overheads(reserved, min(reserved, max(0, found.bytes - allocated)), "replay")
 
 
 __all__ = ["TraceResult", "run_trace", "trace"]

@@ -41,6 +41,7 @@ def run_trace(
     steps: int = 2,
     loss_fn: Callable[[Any], Any] | None = None,
     layers: Sequence[tuple[str, Any]] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> TraceResult:
     """The trace itself (see :func:`trace`), returning the raw result.
 
@@ -52,11 +53,14 @@ def run_trace(
     each layer's forward starts (``L:label``) and ends (``E:label``), where its backward starts
     (``G:label``, the gradient of its output is ready) and where the gradient of its input is
     ready (``I:label``). By default the longest stack of identical layers is watched, unlogged.
+
+    ``lengths``: the sequence length of each step, for batches of varying length (one step per
+    entry, ``steps`` is then ignored); by default every step is ``plan.seq_len`` long.
     """
 
     started = time.perf_counter()
     with _quiet():
-        return _run(model, plan, steps, started, loss_fn, layers)
+        return _run(model, plan, steps, started, loss_fn, layers, tuple(lengths or ()))
 
 
 def _run(
@@ -66,6 +70,7 @@ def _run(
     started: float,
     loss_fn: Callable[[Any], Any] | None = None,
     watched: Sequence[tuple[str, Any]] | None = None,
+    lengths: tuple[int, ...] = (),
 ) -> TraceResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -97,7 +102,9 @@ def _run(
     model.train(plan.training)
     # Token ids for language models; images for vision and multimodal models (tracing/inputs.py).
     step_in = step_inputs(model, plan)
-    vocab_inputs = step_in.make if loss_fn is None else dict
+    lengths = lengths or (plan.seq_len,) * (steps if plan.training else 1)
+    # Batches of another length: their own token ids (built under the fake mode, as the plan's are).
+    makers = {n: step_in.make if n == plan.seq_len else step_inputs(model, plan.with_(seq_len=n)).make for n in lengths}
     per_layer: tuple[int, ...] = ()
     with mode, stand_ins(plan), placeholder_checks_off():
         for p in unique_params(model):
@@ -110,9 +117,9 @@ def _run(
                     tracker.track(value.untyped_storage(), "quantization_constants")
         optimizer, step = (None, None) if not plan.training else optimizer_for(plan, params)
         with dispatch_mode(tracker, param_storages), autocast_mode():
-            for _ in range(steps if plan.training else 1):
+            for length in lengths if plan.training else lengths[:1]:
                 for _micro in range(plan.gradient_accumulation if plan.training else 1):
-                    inputs = vocab_inputs()
+                    inputs = makers[length]() if loss_fn is None else {}
                     tracker.phase, tracker.category = "forward", "activations"
                     tracker.mark("forward")
                     if loss_fn is None:

@@ -1,0 +1,287 @@
+"""Learn what the caching allocator holds above the allocated peak, per plan shape (issue 14).
+
+For every case of a grid (two Llama-shaped models cut to a few depths; LoRA, QLoRA and full
+fine-tuning; checkpointing on and off; fixed and varied batch lengths; three token counts):
+
+1. trace the training steps on fake tensors with every allocation and free logged
+   (``run_trace(..., layers=...)``, two steps, or the four of ``--lengths varied``);
+2. replay the log through the caching-allocator model (:mod:`peftaudit.memory.allocator`),
+   with and without ``expandable_segments``: the peak reserved with memory to spare, and the
+   smallest capacity the steps run in (bisection, free-and-retry included);
+3. fit, per plan shape (:func:`peftaudit.memory.allocator.reserve.plan_shape`), each overhead
+   (reserved minus allocated; capacity minus allocated) as a non-negative combination of the
+   estimate's :data:`~peftaudit.memory.allocator.reserve.FEATURES`.
+
+``--write`` stores the per-case replays in ``benchmarks/results/allocator_replays.jsonl`` as
+it goes (cases already there are not traced again) and the coefficients in
+``peftaudit/memory/allocator/factors.json`` (what estimates use);
+``--refit`` fits again from that file without tracing. ``--check`` replays held-out cases
+(whole-depth Llama-2-7B and other families) and compares them with the learned figures:
+``benchmarks/results/allocator_factors.md`` is its output.
+
+    .venv/bin/python benchmarks/learn_allocator.py --write     # ~15 min on 2 cores
+    .venv/bin/python benchmarks/learn_allocator.py --check > benchmarks/results/allocator_factors.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "memory"), str(ROOT / "tests")]
+
+FACTORS = ROOT / "peftaudit" / "memory" / "allocator" / "factors.json"
+REPLAYS = ROOT / "benchmarks" / "results" / "allocator_replays.jsonl"
+GIB = 1 << 30
+
+#: Catalog models the factors are learned on (MHA with a 32k vocabulary; GQA with a 128k one),
+#: cut to 4 layers and whole (``None``).
+MODELS: tuple[tuple[str, tuple[int | None, ...]], ...] = (
+    ("meta-llama/Llama-2-7b-hf", (4, None)),
+    ("meta-llama/Meta-Llama-3-8B", (4, None)),
+)
+#: (batch, sequence length): 1k to 16k tokens a micro-batch. A whole model without checkpointing
+#: is not traced at 16k tokens (over 100 GiB of activations: no one runs it).
+TOKENS = ((1, 1024), (1, 4096), (4, 4096))
+METHODS = ("lora", "qlora", "full")
+
+#: Held out of the fit: families it never saw (Mistral, Qwen2.5, Phi-3), and shapes it did not
+#: see (16k tokens as one sequence, 8 layers).
+CHECKS: tuple[tuple[str, int | None, str, int, int, bool], ...] = (
+    ("mistralai/Mistral-7B-v0.1", None, "lora", 4, 4096, True),
+    ("mistralai/Mistral-7B-v0.1", None, "qlora", 4, 4096, True),
+    ("meta-llama/Meta-Llama-3-8B", None, "qlora", 1, 16384, True),
+    ("Qwen/Qwen2.5-7B", None, "lora", 1, 2048, False),
+    ("Qwen/Qwen2.5-7B", 8, "qlora", 2, 2048, True),
+    ("microsoft/Phi-3-mini-4k-instruct", 8, "lora", 1, 2048, True),
+    ("meta-llama/Llama-2-7b-hf", 8, "full", 2, 2048, True),
+)
+
+
+def catalog_config(model_id: str) -> dict[str, Any]:
+    path = ROOT / "peftaudit" / "catalog" / "models" / (model_id.replace("/", "__") + ".json")
+    return dict(json.loads(path.read_text())["config"])
+
+
+def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
+    """Trace ``plan`` on ``model_id`` cut to ``depth`` layers and replay it both ways."""
+    from memory_models import build, reduced_config
+
+    from peftaudit.memory.allocator import allocation_events, smallest_capacity
+    from peftaudit.memory.allocator.reserve import features, step_lengths
+    from peftaudit.memory.tracing.model import decoder_layers
+    from peftaudit.memory.tracing.run import run_trace
+
+    config = catalog_config(model_id)
+    model = build(reduced_config(config, depth) if depth else config)
+    watched = [(str(i), layer) for i, layer in enumerate(decoder_layers(model))]
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = run_trace(model, plan, layers=watched, lengths=step_lengths(plan))
+    assert traced.events is not None
+    events = allocation_events(traced.events)
+    row: dict[str, Any] = {
+        "model": model_id,
+        "depth": depth,
+        "method": plan.method,
+        "batch": plan.batch_size,
+        "seq": plan.seq_len,
+        "checkpointing": plan.gradient_checkpointing,
+        "lengths": plan.lengths,
+        "components": dict(traced.components),
+        "saved": sum(traced.activations_per_layer),
+        "features": list(features(traced.components, traced.activations_per_layer)),
+        "trace_s": round(time.perf_counter() - started, 1),
+    }
+    for expandable in (False, True):
+        found = smallest_capacity(events, expandable_segments=expandable)
+        row["expandable" if expandable else "segments"] = {
+            "allocated": found.plentiful.peak_allocated,
+            "reserved": found.plentiful.peak_reserved,
+            "capacity": found.bytes,
+        }
+    return row
+
+
+def plan_for(method: str, batch: int, seq: int, checkpointing: bool, lengths: str) -> Any:
+    from peftaudit.memory.plan import TrainingPlan
+
+    return TrainingPlan(
+        method=method, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing, lengths=lengths
+    )
+
+
+def shape_of(row: dict[str, Any], segments: str) -> str:
+    from peftaudit.memory.allocator.reserve import plan_shape
+
+    plan = plan_for(row["method"], row["batch"], row["seq"], row["checkpointing"], row["lengths"])
+    return plan_shape(plan.with_(expandable_segments=segments == "expandable"))
+
+
+def _nnls_on(a: Any, b: Any, cols: tuple[int, ...]) -> list[float] | None:
+    """Least squares over ``cols`` only; ``None`` when a coefficient comes out negative."""
+    import numpy as np
+
+    coef, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+    if (coef < 0).any():
+        return None
+    full = [0.0] * a.shape[1]
+    for c, v in zip(cols, coef, strict=True):
+        full[c] = float(v)
+    return full
+
+
+def nnls(x: list[list[float]], y: list[float]) -> tuple[list[float], float]:
+    """Least squares with non-negative coefficients (the best of every feature subset's own fit),
+    and the fit's worst miss. Non-negative: each feature can only add to what the allocator holds."""
+    import numpy as np
+
+    a, b = np.array(x), np.array(y)
+    best: tuple[float, list[float]] | None = None
+    for k in range(1, a.shape[1] + 1):
+        for cols in itertools.combinations(range(a.shape[1]), k):
+            coef = _nnls_on(a, b, cols)
+            if coef is None:
+                continue
+            residual = b - a @ np.array(coef)
+            sse = float(residual @ residual)
+            if best is None or sse < best[0]:
+                best = (sse, coef)
+    coef = best[1] if best is not None else [0.0] * a.shape[1]
+    return coef, float(np.abs(b - a @ np.array(coef)).max())
+
+
+def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from peftaudit.memory.allocator.reserve import features
+
+    shapes: dict[str, dict[str, Any]] = {}
+    grouped: dict[str, list[tuple[list[float], dict[str, int]]]] = {}
+    for row in rows:
+        # From the traced components, so a change of FEATURES refits without tracing again.
+        x = list(features(row["components"], [row["saved"]]))
+        for segments in ("segments", "expandable"):
+            grouped.setdefault(shape_of(row, segments), []).append((x, row[segments]))
+    for shape, cases in sorted(grouped.items()):
+        entry: dict[str, Any] = {"cases": len(cases)}
+        for what in ("reserved", "capacity"):
+            coef, worst = nnls([f for f, _ in cases], [(r[what] - r["allocated"]) / GIB for _, r in cases])
+            entry[what] = [round(c, 6) for c in coef]
+            entry[f"{what}_worst_miss_gib"] = round(worst, 4)
+        shapes[shape] = entry
+    return shapes
+
+
+def write_factors(shapes: dict[str, Any]) -> None:
+    import peft
+    import torch
+    import transformers
+
+    from peftaudit.memory.allocator.reserve import FEATURES
+
+    data = {
+        "_about": "What PyTorch's caching allocator holds above the allocated peak, per plan shape: "
+        "coefficients (GiB per GiB) of the features "
+        + ", ".join(FEATURES)
+        + " for 'reserved' (peak reserved with memory to spare, minus peak allocated) and 'capacity' "
+        "(the smallest device memory the step runs in, minus peak allocated). Fitted (non-negative least "
+        "squares) to replays of traced steps through peftaudit.memory.allocator; the *_worst_miss_gib "
+        "figures are the fit's largest miss over its cases. Written by benchmarks/learn_allocator.py --write.",
+        "learned_on": {
+            "models": {model_id: list(cuts) for model_id, cuts in MODELS},
+            "tokens": [list(t) for t in TOKENS],
+            "date": datetime.date.today().isoformat(),
+            "stack": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        },
+        "shapes": shapes,
+    }
+    FACTORS.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[k] for k in ("model", "depth", "method", "batch", "seq", "checkpointing", "lengths"))
+
+
+def learn(write: bool) -> None:
+    """Trace and replay every case of the grid not yet in ``allocator_replays.jsonl`` (it is kept
+    as it goes, so a stopped run resumes), then fit every case in the file."""
+    done = {}
+    if REPLAYS.exists():
+        done = {_key(r): r for r in map(json.loads, REPLAYS.read_text().splitlines()) if r}
+    depths = [(model_id, depth) for model_id, cuts in MODELS for depth in cuts]
+    grid = itertools.product(depths, TOKENS, METHODS, (False, True), ("fixed", "varied"))
+    for (model_id, depth), (batch, seq), method, checkpointing, lengths in grid:
+        plan = plan_for(method, batch, seq, checkpointing, lengths)
+        key = (model_id, depth, method, batch, seq, checkpointing, lengths)
+        if key in done or (depth is None and not checkpointing and batch * seq > 4096):
+            continue
+        row = replay_case(model_id, depth, plan)
+        done[key] = row
+        print(json.dumps(row), flush=True)
+        if write:
+            with REPLAYS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    if write:
+        write_factors(fit(list(done.values())))
+
+
+def check() -> None:
+    from peftaudit.memory.allocator.reserve import learned
+
+    print("<!-- .venv/bin/python benchmarks/learn_allocator.py --check -->")
+    print("# The learned allocator overheads against replays they were not fitted to\n")
+    print(
+        "Each row traces a training step of a model the fit did not see (or at a depth it did not see), "
+        "replays it through the caching-allocator model, and compares the peak reserved and the smallest "
+        "capacity with the allocated peak plus the learned overheads (`factors.json`). Error = learned / "
+        "replayed - 1, of the whole figure (allocated included). No CUDA context in any figure.\n"
+    )
+    print(
+        "| model | depth | plan | allocated | reserved: replay / learned | error | capacity: replay / learned | error |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for model_id, depth, method, batch, seq, checkpointing in CHECKS:
+        plan = plan_for(method, batch, seq, checkpointing, "fixed")
+        row = replay_case(model_id, depth, plan)
+        got = row["segments"]
+        overheads = learned(plan, row["components"], [row["saved"]])
+        figures = {
+            "reserved": got["allocated"] + overheads.reserved,
+            "capacity": got["allocated"] + overheads.capacity,
+        }
+        label = f"{method}, {batch} x {seq}" + (", checkpointing" if checkpointing else "")
+        cells = [
+            f"{got[w] / GIB:.2f} / {figures[w] / GIB:.2f} GiB | {figures[w] / got[w] - 1:+.1%}"
+            for w in ("reserved", "capacity")
+        ]
+        print(
+            f"| {model_id} | {depth or 'all'} | {label} | {got['allocated'] / GIB:.2f} GiB | {cells[0]} | {cells[1]} |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="trace the grid and write factors.json")
+    parser.add_argument("--refit", action="store_true", help="fit again from allocator_replays.jsonl")
+    parser.add_argument("--check", action="store_true", help="compare the factors with held-out replays")
+    args = parser.parse_args()
+    if args.refit:
+        rows = [json.loads(line) for line in REPLAYS.read_text().splitlines() if line.strip()]
+        write_factors(fit(rows))
+    elif args.check:
+        check()
+    else:
+        learn(args.write)
+
+
+if __name__ == "__main__":
+    main()
