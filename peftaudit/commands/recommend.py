@@ -17,7 +17,7 @@ EXPORTS = ("peft", "peft-json", "axolotl", "llama-factory", "trl")
 
 
 def add_parser(sub: Any) -> None:
-    from peftaudit.memory.cli import STACK_FLAG, add_flag, plan_default
+    from peftaudit.memory.cli import ALLOCATOR_FLAGS, STACK_FLAG, add_flag, plan_default
 
     parser = sub.add_parser(
         "recommend",
@@ -51,6 +51,8 @@ def add_parser(sub: Any) -> None:
         help="tokens per sequence (default %(default)s)",
     )
     add_flag(plan, STACK_FLAG)  # the estimator's own --stack, as report, fit, gpus and plan have it
+    for flag in ALLOCATOR_FLAGS:  # and its --expandable-segments and --lengths
+        add_flag(plan, flag)
     plan.add_argument("--add-tokens", type=int, default=0, metavar="N", help="tokens you add to the tokenizer")
     lora = parser.add_argument_group("LoRA (fix any of these yourself; the rest is recommended)")
     lora.add_argument("--preset", choices=PRESETS, help="targets by preset (default: all-linear, +experts for MoE)")
@@ -149,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         skip_checks=tuple(args.skip_check),
         stack=STACK_FLAG.value(args.memory_stack) if args.memory_stack is not None else (),
+        expandable_segments=bool(args.memory_expandable_segments),
+        lengths=args.memory_lengths or "fixed",
     )
     loaded = load_model(args)
     rec = recommend(loaded.inventory, loaded.facts, request)

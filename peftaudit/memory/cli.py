@@ -150,6 +150,23 @@ STACK_FLAG = PlanFlag(
     to_plan=parse_stack,
 )
 
+#: ``--expandable-segments`` and ``--lengths``: how the caching allocator is set up and what batches
+#: it sees; also added on their own by ``recommend``.
+ALLOCATOR_FLAGS: tuple[PlanFlag, ...] = (
+    PlanFlag(
+        "expandable_segments",
+        "--expandable-segments",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (default {default})",
+        action=_switch,
+    ),
+    PlanFlag(
+        "lengths",
+        "--lengths",
+        "batch lengths: fixed (packed or padded to --seq-len) or varied (up to it)",
+        choices=LENGTHS,
+    ),
+)
+
 #: The plan's flags, in the order the help lists them.
 PLAN_FLAGS: tuple[PlanFlag, ...] = (
     PlanFlag("rank", "--rank", "LoRA rank (default {default})", "R", int),
@@ -238,18 +255,7 @@ PLAN_FLAGS: tuple[PlanFlag, ...] = (
         "FRACTION",
         finite_float,
     ),
-    PlanFlag(
-        "expandable_segments",
-        "--expandable-segments",
-        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (default {default})",
-        action=_switch,
-    ),
-    PlanFlag(
-        "lengths",
-        "--lengths",
-        "batch lengths: fixed (packed or padded to --seq-len) or varied (up to it)",
-        choices=LENGTHS,
-    ),
+    *ALLOCATOR_FLAGS,
     STACK_FLAG,
     PlanFlag("num_virtual_tokens", "--virtual-tokens", "prompt tuning tokens (default {default})", "N", int),
     PlanFlag(

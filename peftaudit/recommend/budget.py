@@ -43,6 +43,10 @@ class MicroBatch:
     gradient_checkpointing: bool = False
     stack: tuple[tuple[str, str], ...] = ()
     """Releases the run uses (``TrainingPlan.stack``)."""
+    expandable_segments: bool = False
+    """``TrainingPlan.expandable_segments``: how the caching allocator is set up."""
+    lengths: str = "fixed"
+    """``TrainingPlan.lengths``: fixed or varied batch lengths."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ def training_plan(recipe: LoraRecipe, micro_batch: MicroBatch) -> TrainingPlan:
         seq_len=micro_batch.seq_len,
         gradient_checkpointing=micro_batch.gradient_checkpointing,
         stack=micro_batch.stack,
+        expandable_segments=micro_batch.expandable_segments,
+        lengths=micro_batch.lengths,
     )
 
 

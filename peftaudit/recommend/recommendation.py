@@ -66,6 +66,10 @@ class RecommendRequest:
     skip_checks: tuple[str, ...] = ()
     stack: tuple[tuple[str, str], ...] = ()
     """Releases the run uses (``TrainingPlan.stack``); the memory figures model them."""
+    expandable_segments: bool = False
+    """``TrainingPlan.expandable_segments`` (``--expandable-segments``)."""
+    lengths: str = "fixed"
+    """``TrainingPlan.lengths`` (``--lengths``)."""
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,13 @@ def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest
             "with task_type SEQ_CLS peft trains the new head ('score' or 'classifier') in full"
         )
 
-    shape = MicroBatch(batch_size=request.batch_size, seq_len=request.seq_len, stack=request.stack)
+    shape = MicroBatch(
+        batch_size=request.batch_size,
+        seq_len=request.seq_len,
+        stack=request.stack,
+        expandable_segments=request.expandable_segments,
+        lengths=request.lengths,
+    )
     budget: BudgetFit | None = None
     if request.budget_bytes is not None:
         recipe, budget, budget_reasons = fit_budget(

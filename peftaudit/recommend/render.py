@@ -31,6 +31,10 @@ def render_recommendation(rec: Recommendation, fmt: str = "table") -> str:
         asked.append(f"budget {req.gpu + ' ' if req.gpu else ''}{gib(req.budget_bytes)}")
     if req.stack:
         asked.append("stack " + describe(req.stack))
+    if req.expandable_segments:
+        asked.append("expandable segments")
+    if req.lengths != "fixed":
+        asked.append(f"{req.lengths} lengths")
     out.append(", ".join(asked))
     out.append("")
 

@@ -139,3 +139,41 @@ def test_varied_lengths_are_refused_for_images() -> None:
         trace(
             build(_catalog("meta-llama/Meta-Llama-3-8B", 1)), TrainingPlan(images=1, image_tokens=4, lengths="varied")
         )
+
+
+# --- the commands -----------------------------------------------------------------------------------------
+
+
+def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    from peftaudit.cli import main
+
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+LLAMA_1B = "meta-llama/Llama-3.2-1B"
+
+
+def test_every_command_that_decides_takes_the_allocator_options(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["report", LLAMA_1B, "--no-cache", "--method", "lora", "--seq-len", "2048"]
+    (plain,) = _json(base, capsys)["estimates"]
+    (roomy,) = _json([*base, "--expandable-segments", "--lengths", "varied"], capsys)["estimates"]
+    assert roomy["plan"]["expandable_segments"] is True and roomy["plan"]["lengths"] == "varied"
+    assert plain["allocator_source"] == roomy["allocator_source"] == "learned"
+    assert roomy["allocated_bytes"] == plain["allocated_bytes"]
+    assert roomy["reserved_bytes"] < plain["reserved_bytes"]  # expandable segments hold less
+    options = ["--expandable-segments", "--lengths", "varied", "--seq-len", "256"]
+    gpus = _json(["gpus", LLAMA_1B, "--method", "lora", "--gpu", "H100", *options], capsys)
+    assert [(p["expandable_segments"], p["lengths"]) for p in gpus["plans"]] == [(True, "varied")]
+    rec = _json(["recommend", LLAMA_1B, *options], capsys)
+    assert (rec["request"]["expandable_segments"], rec["request"]["lengths"]) == (True, "varied")
+
+
+def test_an_unknown_lengths_value_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from peftaudit.cli import main
+
+    for command in (["report", LLAMA_1B, "--method", "lora"], ["recommend", LLAMA_1B]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--lengths", "random"])
+        assert exit_info.value.code == 2
+        assert "invalid choice: 'random'" in capsys.readouterr().err
