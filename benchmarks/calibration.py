@@ -12,8 +12,7 @@ stack. The figure it is compared with depends on what the source measured:
 
 - ``max_memory_allocated``: the estimate's allocated peak (total less CUDA context and allocator margin);
 - ``max_memory_reserved`` and ``memory_reserved_after_step_p99``: the estimate's reserved memory with
-  room to spare (``reserved_bytes`` where the estimate has it, else allocated plus allocator margin;
-  reserved memory does not hold the CUDA context);
+  room to spare (``reserved_bytes``; reserved memory does not hold the CUDA context);
 - ``nvidia-smi``: that reserved memory plus the CUDA context;
 - ``fits_in_capacity`` (the card's capacity) and ``unknown``: the whole total (what sizing decides with);
 - ``memory_allocated_after_step``: the optimizer step's allocated peak less its scratch (what
@@ -180,18 +179,24 @@ def _models() -> dict[str, Any]:
 
 
 @cache
-def inventory(model: str) -> Any:
-    """The inventory of a catalog id (``org/name``) or of a config named in the data file's ``models``."""
-    from peftaudit.inventory import take_inventory
+def skeleton(model: str) -> Any:
+    """A fresh meta-device model of a catalog id (``org/name``) or of a config named in the data file's ``models``."""
     from peftaudit.sources.base import SourceOptions, resolve
     from peftaudit.sources.build import build_from_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if model in _models():
-            return take_inventory(build_from_config(_models()[model]["config"], model_id=model))
+            return build_from_config(_models()[model]["config"], model_id=model)
         resolved, source = resolve(model)
-        return take_inventory(source.build(resolved, SourceOptions()))
+        return source.build(resolved, SourceOptions())
+
+
+def inventory(model: str) -> Any:
+    """The inventory of :func:`skeleton`'s model."""
+    from peftaudit.inventory import take_inventory
+
+    return take_inventory(skeleton(model))
 
 
 def plan_stack(row: Row) -> dict[str, str]:
@@ -223,9 +228,7 @@ def make_plan(row: Row, use_stack: bool) -> tuple[Any, bool]:
 def comparable(e: Any, plan: Any, kind: str) -> float:
     """The estimate's figure that means what the source measured (see the module docstring)."""
     context = e.components.get("cuda_context", 0)
-    # An estimate that models reserved memory says what max_memory_reserved shows with memory to
-    # spare (reserved_bytes); one that does not, allocated plus the allocator margin.
-    reserved = getattr(e, "reserved_bytes", 0) or e.total_bytes - context
+    reserved = e.reserved_bytes  # what max_memory_reserved shows with memory to spare (no context)
     if kind == "max_memory_allocated":
         return float(e.allocated_bytes)
     if kind in ("max_memory_reserved", "memory_reserved_after_step_p99"):
@@ -352,13 +355,11 @@ def replayed(row: Row, allocated_row: Row) -> Replayed:
     show how far that is from the run's own allocated peak.
     """
     from peftaudit.memory import trace
-    from peftaudit.sources.base import SourceOptions, resolve
 
     plan, _ = make_plan(row, use_stack=False)
-    resolved, source = resolve(row.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = trace(source.build(resolved, SourceOptions()), plan)
+        traced = trace(skeleton(row.model), plan)
     return Replayed(row, allocated_row, traced)
 
 

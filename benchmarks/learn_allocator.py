@@ -67,8 +67,11 @@ CHECKS: tuple[tuple[str, int | None, str, int, int, bool], ...] = (
 
 
 def catalog_config(model_id: str) -> dict[str, Any]:
-    path = ROOT / "peftaudit" / "catalog" / "models" / (model_id.replace("/", "__") + ".json")
-    return dict(json.loads(path.read_text())["config"])
+    from peftaudit.sources.catalog import lookup
+
+    entry = lookup(model_id)
+    assert entry is not None, model_id
+    return dict(entry.config)
 
 
 def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
     from memory_models import build, reduced_config
 
     from peftaudit.memory.allocator import allocation_events, smallest_capacity
-    from peftaudit.memory.allocator.reserve import features, step_lengths
+    from peftaudit.memory.allocator.reserve import step_lengths
     from peftaudit.memory.tracing.model import decoder_layers
     from peftaudit.memory.tracing.run import run_trace
 
@@ -99,7 +102,6 @@ def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
         "lengths": plan.lengths,
         "components": dict(traced.components),
         "saved": sum(traced.activations_per_layer),
-        "features": list(features(traced.components, traced.activations_per_layer)),
         "trace_s": round(time.perf_counter() - started, 1),
     }
     for expandable in (False, True):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 from memory_models import build, reduced_config
@@ -18,15 +17,15 @@ from peftaudit.inventory import take_inventory as build_inventory
 from peftaudit.memory import estimate, trace
 from peftaudit.memory.allocator import reserve
 from peftaudit.memory.plan import LENGTHS, PlanError, TrainingPlan
+from peftaudit.sources.catalog import lookup
 
-ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
 
 
 def _catalog(model_id: str, depth: int | None) -> dict:
-    path = ROOT / "peftaudit" / "catalog" / "models" / (model_id.replace("/", "__") + ".json")
-    config = json.loads(path.read_text())["config"]
-    return reduced_config(config, depth) if depth else config
+    entry = lookup(model_id)
+    assert entry is not None
+    return reduced_config(entry.config, depth) if depth else dict(entry.config)
 
 
 def test_every_plan_shape_has_learned_factors() -> None:

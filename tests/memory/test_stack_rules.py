@@ -37,7 +37,6 @@ from peftaudit.memory.stack_rules import (
 )
 
 DATA = Path(__file__).parent / "data" / "stack_traces.json"
-CATALOG = Path(__file__).parents[2] / "peftaudit" / "catalog" / "models"
 TOLERANCE = 0.03
 MIB = 1024 * 1024
 
@@ -59,9 +58,11 @@ def _inventory(model_id: str) -> Any:
     """The catalog model cut to the recorded traces' depth, as transformers 5 builds it."""
     from peftaudit.inventory import take_inventory
     from peftaudit.sources.build import build_from_config
+    from peftaudit.sources.catalog import lookup
 
-    config = dict(json.loads((CATALOG / (model_id.replace("/", "__") + ".json")).read_text())["config"])
-    config["num_hidden_layers"] = _recorded()["layers"]
+    entry = lookup(model_id)
+    assert entry is not None
+    config = {**entry.config, "num_hidden_layers": _recorded()["layers"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return take_inventory(build_from_config(config, model_id=model_id))
