@@ -178,9 +178,11 @@ def _models() -> dict[str, Any]:
     return dict(json.loads(DATA.read_text())["models"])
 
 
-@cache
 def skeleton(model: str) -> Any:
-    """A fresh meta-device model of a catalog id (``org/name``) or of a config named in the data file's ``models``."""
+    """A fresh meta-device model of a catalog id (``org/name``) or of a config named in the data file's ``models``.
+
+    Not cached: a trace applies the plan's method to the model it is given (and watches its storages).
+    """
     from peftaudit.sources.base import SourceOptions, resolve
     from peftaudit.sources.build import build_from_config
 
@@ -192,6 +194,7 @@ def skeleton(model: str) -> Any:
         return source.build(resolved, SourceOptions())
 
 
+@cache
 def inventory(model: str) -> Any:
     """The inventory of :func:`skeleton`'s model."""
     from peftaudit.inventory import take_inventory

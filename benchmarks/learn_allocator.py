@@ -19,7 +19,9 @@ it goes (cases already there are not traced again) and the coefficients in
 (whole-depth Llama-2-7B and other families) and compares them with the learned figures:
 ``benchmarks/results/allocator_factors.md`` is its output.
 
-    .venv/bin/python benchmarks/learn_allocator.py --write     # ~15 min on 2 cores
+    .venv/bin/python benchmarks/learn_allocator.py --write     # ~1 h on 1 core
+    .venv/bin/python benchmarks/learn_allocator.py --write --shard 0/2 &   # or two processes
+    .venv/bin/python benchmarks/learn_allocator.py --write --shard 1/2
     .venv/bin/python benchmarks/learn_allocator.py --check > benchmarks/results/allocator_factors.md
 """
 
@@ -55,15 +57,20 @@ METHODS = ("lora", "qlora", "full")
 
 #: Held out of the fit: families it never saw (Mistral, Qwen2.5, Phi-3), and shapes it did not
 #: see (16k tokens as one sequence, 8 layers).
-CHECKS: tuple[tuple[str, int | None, str, int, int, bool], ...] = (
-    ("mistralai/Mistral-7B-v0.1", None, "lora", 4, 4096, True),
-    ("mistralai/Mistral-7B-v0.1", None, "qlora", 4, 4096, True),
-    ("meta-llama/Meta-Llama-3-8B", None, "qlora", 1, 16384, True),
-    ("Qwen/Qwen2.5-7B", None, "lora", 1, 2048, False),
-    ("Qwen/Qwen2.5-7B", 8, "qlora", 2, 2048, True),
-    ("microsoft/Phi-3-mini-4k-instruct", 8, "lora", 1, 2048, True),
-    ("meta-llama/Llama-2-7b-hf", 8, "full", 2, 2048, True),
+CHECKS: tuple[tuple[str, int | None, str, int, int, bool, str], ...] = (
+    ("mistralai/Mistral-7B-v0.1", None, "lora", 4, 4096, True, "fixed"),
+    ("mistralai/Mistral-7B-v0.1", None, "qlora", 4, 4096, True, "fixed"),
+    ("meta-llama/Meta-Llama-3-8B", None, "qlora", 1, 16384, True, "fixed"),
+    ("Qwen/Qwen2.5-7B", None, "lora", 1, 2048, False, "fixed"),
+    ("Qwen/Qwen2.5-7B", 8, "qlora", 2, 2048, True, "fixed"),
+    ("microsoft/Phi-3-mini-4k-instruct", 8, "lora", 1, 2048, True, "fixed"),
+    ("meta-llama/Llama-2-7b-hf", 8, "full", 2, 2048, True, "fixed"),
+    ("Qwen/Qwen2.5-7B", None, "lora", 1, 4096, True, "varied"),
+    ("Qwen/Qwen2.5-7B", 8, "qlora", 2, 2048, True, "varied"),
+    ("meta-llama/Llama-2-7b-hf", 8, "full", 1, 2048, True, "varied"),
 )
+#: Steps of the long runs whose least capacity ``--check`` compares with the traced steps' own.
+CAPACITY_RUN = 64
 
 
 def catalog_config(model_id: str) -> dict[str, Any]:
@@ -79,6 +86,7 @@ def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
     from memory_models import build, reduced_config
 
     from peftaudit.memory.allocator import allocation_events, smallest_capacity
+    from peftaudit.memory.allocator.lengths import reserved_over_run
     from peftaudit.memory.allocator.reserve import step_lengths
     from peftaudit.memory.tracing.model import decoder_layers
     from peftaudit.memory.tracing.run import run_trace
@@ -106,11 +114,18 @@ def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
     }
     for expandable in (False, True):
         found = smallest_capacity(events, expandable_segments=expandable)
+        reserved = found.plentiful.peak_reserved
+        if plan.lengths == "varied" and not expandable:
+            # What the trace does (tracing/__init__.py, _replayed): a long run's reserve.
+            run = reserved_over_run(traced.events, step_lengths(plan), plan.seq_len)
+            row["long_run"] = run is not None
+            reserved = run or reserved
         row["expandable" if expandable else "segments"] = {
             "allocated": found.plentiful.peak_allocated,
-            "reserved": found.plentiful.peak_reserved,
+            "reserved": reserved,
             "capacity": found.bytes,
         }
+    row["replay_s"] = round(time.perf_counter() - started - row["trace_s"], 1)
     return row
 
 
@@ -212,27 +227,32 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(row[k] for k in ("model", "depth", "method", "batch", "seq", "checkpointing", "lengths"))
 
 
-def learn(write: bool) -> None:
+def learn(write: bool, shard: tuple[int, int] = (0, 1)) -> None:
     """Trace and replay every case of the grid not yet in ``allocator_replays.jsonl`` (it is kept
-    as it goes, so a stopped run resumes), then fit every case in the file."""
+    as it goes, so a stopped run resumes), then fit every case in the file.
+
+    ``shard``: ``(i, n)`` takes every n-th case still to do from the i-th, so n processes share the grid; each
+    appends its rows to the file, and the last to finish fits (or run ``--refit`` after)."""
     done = {}
     if REPLAYS.exists():
         done = {_key(r): r for r in map(json.loads, REPLAYS.read_text().splitlines()) if r}
     depths = [(model_id, depth) for model_id, cuts in MODELS for depth in cuts]
     grid = itertools.product(depths, TOKENS, METHODS, (False, True), ("fixed", "varied"))
-    for (model_id, depth), (batch, seq), method, checkpointing, lengths in grid:
-        plan = plan_for(method, batch, seq, checkpointing, lengths)
-        key = (model_id, depth, method, batch, seq, checkpointing, lengths)
-        if key in done or (depth is None and not checkpointing and batch * seq > 4096):
-            continue
-        row = replay_case(model_id, depth, plan)
-        done[key] = row
+    pending = [
+        (model_id, depth, method, batch, seq, checkpointing, lengths)
+        for (model_id, depth), (batch, seq), method, checkpointing, lengths in grid
+        if (model_id, depth, method, batch, seq, checkpointing, lengths) not in done
+        and not (depth is None and not checkpointing and batch * seq > 4096)
+    ]
+    for model_id, depth, method, batch, seq, checkpointing, lengths in pending[shard[0] :: shard[1]]:
+        row = replay_case(model_id, depth, plan_for(method, batch, seq, checkpointing, lengths))
         print(json.dumps(row), flush=True)
         if write:
             with REPLAYS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     if write:
-        write_factors(fit(list(done.values())))
+        rows = [json.loads(line) for line in REPLAYS.read_text().splitlines() if line.strip()]
+        write_factors(fit(rows))
 
 
 def check() -> None:
@@ -250,8 +270,9 @@ def check() -> None:
         "| model | depth | plan | allocated | reserved: replay / learned | error | capacity: replay / learned | error |"
     )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-    for model_id, depth, method, batch, seq, checkpointing in CHECKS:
-        plan = plan_for(method, batch, seq, checkpointing, "fixed")
+    long_runs: list[str] = []
+    for model_id, depth, method, batch, seq, checkpointing, lengths in CHECKS:
+        plan = plan_for(method, batch, seq, checkpointing, lengths)
         row = replay_case(model_id, depth, plan)
         got = row["segments"]
         overheads = learned(plan, row["components"], [row["saved"]])
@@ -259,7 +280,7 @@ def check() -> None:
             "reserved": got["allocated"] + overheads.reserved,
             "capacity": got["allocated"] + overheads.capacity,
         }
-        label = f"{method}, {batch} x {seq}" + (", checkpointing" if checkpointing else "")
+        label = f"{method}, {batch} x {seq}" + (", checkpointing" if checkpointing else "") + f", {lengths}"
         cells = [
             f"{got[w] / GIB:.2f} / {figures[w] / GIB:.2f} GiB | {figures[w] / got[w] - 1:+.1%}"
             for w in ("reserved", "capacity")
@@ -268,6 +289,40 @@ def check() -> None:
             f"| {model_id} | {depth or 'all'} | {label} | {got['allocated'] / GIB:.2f} GiB | {cells[0]} | {cells[1]} |",
             flush=True,
         )
+        if lengths == "varied":
+            run = long_run_capacity(model_id, depth, plan)
+            long_runs.append(
+                f"| {model_id} | {depth or 'all'} | {label} | {got['capacity'] / GIB:.2f} GiB | {run / GIB:.2f} GiB |"
+            )
+    print(
+        "\nThe least capacity of varied lengths is the traced steps' own (1/4, 1/2, 3/4 and all of the length), "
+        f"not that of the long run the reserve comes from: against a {CAPACITY_RUN}-step run (seed 0) it is\n"
+    )
+    print("| model | depth | plan | traced steps | long run |")
+    print("| --- | ---: | --- | ---: | ---: |")
+    print("\n".join(long_runs))
+
+
+def long_run_capacity(model_id: str, depth: int | None, plan: Any) -> int:
+    """The least capacity of a :data:`CAPACITY_RUN`-step run made from ``plan``'s traced steps."""
+    from memory_models import build, reduced_config
+
+    from peftaudit.memory.allocator import smallest_capacity
+    from peftaudit.memory.allocator.lengths import long_run, run_lengths
+    from peftaudit.memory.allocator.reserve import step_lengths
+    from peftaudit.memory.tracing.model import decoder_layers
+    from peftaudit.memory.tracing.run import run_trace
+
+    config = catalog_config(model_id)
+    model = build(reduced_config(config, depth) if depth else config)
+    watched = [(str(i), layer) for i, layer in enumerate(decoder_layers(model))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = run_trace(model, plan, layers=watched, lengths=step_lengths(plan))
+    assert traced.events is not None
+    events = long_run(traced.events, step_lengths(plan), run_lengths(plan.seq_len, CAPACITY_RUN))
+    assert events is not None
+    return smallest_capacity(events).bytes
 
 
 def main() -> None:
@@ -275,14 +330,18 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="trace the grid and write factors.json")
     parser.add_argument("--refit", action="store_true", help="fit again from allocator_replays.jsonl")
     parser.add_argument("--check", action="store_true", help="compare the factors with held-out replays")
+    parser.add_argument(
+        "--shard", default="0/1", help="I/N: trace every N-th case still to do from the I-th (N processes)"
+    )
     args = parser.parse_args()
+    shard = tuple(int(part) for part in args.shard.split("/"))
     if args.refit:
         rows = [json.loads(line) for line in REPLAYS.read_text().splitlines() if line.strip()]
         write_factors(fit(rows))
     elif args.check:
         check()
     else:
-        learn(args.write)
+        learn(args.write, (shard[0], shard[1]))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """A cache of finished reports, so a second report of the same model skips torch.
 
-Keyed by the exact config, the source, peftaudit's and transformers' versions
-(read from package metadata, not by importing transformers) and the build
-options. Entries are JSON written atomically; an entry that cannot be read back
-as a report (truncated, ``null``, the wrong shape) is a miss, rebuilt and
-overwritten. ``PEFTAUDIT_CACHE_DIR`` moves the cache; ``PEFTAUDIT_NO_CACHE=1``
-turns it off.
+Keyed by the exact config, the source, the versions of peftaudit and of the
+libraries its figures depend on (transformers, torch, and peft and bitsandbytes,
+which the default report's memory estimates model; read from package metadata,
+not by importing them) and the build options. One entry serves the default
+report and ``--params-only``: it holds the default report's memory table and
+recommendation once one was asked for (:func:`peftaudit.report.report_for`).
+Entries are JSON written atomically; an entry that cannot be read back as a
+report (truncated, ``null``, the wrong shape) is a miss, rebuilt and overwritten.
+``PEFTAUDIT_CACHE_DIR`` moves the cache; ``PEFTAUDIT_NO_CACHE=1`` turns it off.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def key_for(resolved: ResolvedModel, options: SourceOptions) -> str | None:
         f"report_format={REPORT_FORMAT}",
         f"transformers={installed_version('transformers')}",
         f"torch={installed_version('torch')}",
+        # The memory table at a glance models the installed peft and bitsandbytes (memory.stack.installed).
+        f"peft={installed_version('peft')}",
+        f"bitsandbytes={installed_version('bitsandbytes')}",
         f"trust_remote_code={options.trust_remote_code}",
         f"id={resolved.id}",
         f"origin={resolved.origin}",

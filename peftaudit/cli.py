@@ -24,6 +24,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from peftaudit._version import __version__
@@ -114,7 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        code: int = args.run(args)
+        # Left before any error line below is written: a progress bar is gone by then.
+        with _progress(args):
+            code: int = args.run(args)
     except PeftauditError as exc:
         sys.stderr.write(f"peftaudit: error: {_one_line(str(exc))}\n")
         return ExitCode.USAGE
@@ -134,6 +137,18 @@ def _run(args: argparse.Namespace) -> int:
         )
         return ExitCode.INTERNAL
     return code
+
+
+def _progress(args: argparse.Namespace) -> AbstractContextManager[None]:
+    """The progress bar for long work (:mod:`peftaudit.progress`), when :func:`shows_progress` says so."""
+    from peftaudit.commands._output import shows_progress
+    from peftaudit.progress import reporting
+
+    if not shows_progress(args):
+        return reporting(None)
+    from peftaudit.render.progress import BarReporter
+
+    return reporting(BarReporter())
 
 
 def _flush_stdout(*, quiet: bool = False) -> int | None:

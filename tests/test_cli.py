@@ -48,7 +48,7 @@ def test_version_output(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_report_json_from_the_catalog_is_parseable(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["report", "openai-community/gpt2", "--format", "json", "--no-cache"])
+    code = main(["report", "openai-community/gpt2", "--format", "json", "--no-cache", "--params-only"])
     out = capsys.readouterr()
     assert code == 0
     data = json.loads(out.out)
@@ -104,7 +104,7 @@ def test_malformed_config_through_the_real_process(tmp_path: Path) -> None:
 
 def test_output_file_is_written_whole_or_not_at_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "report.json"
-    assert main(["report", "gpt2", "--json", "-o", str(target)]) == 0
+    assert main(["report", "gpt2", "--json", "--params-only", "-o", str(target)]) == 0
     assert json.loads(target.read_text())["params"]["total"] == 124_439_808
     before = target.read_text()
     assert main(["report", "acme/nothing-here", "--json", "-o", str(target)]) == 2
@@ -115,7 +115,7 @@ def test_output_file_is_written_whole_or_not_at_all(tmp_path: Path, capsys: pyte
 
 def test_notes_go_to_stderr_and_stdout_stays_json(tmp_path: Path) -> None:
     # --online with the hub unreachable (offline) falls back to the catalog and says so on stderr.
-    result = run_cli("report", "gpt2", "--online", "--json", env={"HF_HUB_CACHE": str(tmp_path)})
+    result = run_cli("report", "gpt2", "--online", "--json", "--params-only", env={"HF_HUB_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"]["source"] == "catalog"
     assert "bundled catalog" in result.stderr
@@ -144,7 +144,7 @@ def test_corrupt_cache_entry_is_rebuilt(
 
 
 def test_tree_flag_shows_collapsed_blocks(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["report", "gpt2", "--tree", "--width", "80"]) == 0
+    assert main(["report", "gpt2", "--tree", "--params-only", "--width", "80"]) == 0
     out = capsys.readouterr().out
     assert "0-11 (x12)  GPT2Block  7,087,872" in out
 

@@ -27,6 +27,10 @@ LLAMA_8B = "meta-llama/Llama-3.1-8B"
 #: name -> the command line (``--width`` and ``--no-cache`` are added where the command takes them).
 COMMANDS: dict[str, list[str]] = {
     "report": ["report", "openai-community/gpt2", "--no-cache"],
+    # The counts alone, as the report printed before it showed memory and the recommendation.
+    "report-params-only": ["report", "openai-community/gpt2", "--no-cache", "--params-only"],
+    # The memory table where the classes differ: full needs 80 GB, LoRA 48 GB, QLoRA 24 GB.
+    "report-8b": ["report", LLAMA_8B, "--no-cache"],
     "report-tree": ["report", "openai-community/gpt2", "--no-cache", "--tree"],
     "findings": ["report", "openai-community/gpt2", "--no-cache", "--checks"],
     "memory": ["report", LLAMA_1B, "--no-cache", "--compare", "full,lora,qlora", "--seq-len", "1024"],
@@ -53,6 +57,8 @@ COMMANDS: dict[str, list[str]] = {
 #: The formats each command prints (a command that prints only tables and JSON refuses markdown).
 FORMATS: dict[str, tuple[str, ...]] = {
     "report": ("table", "markdown", "json"),
+    "report-params-only": ("table", "markdown"),
+    "report-8b": ("table",),
     "report-tree": ("table", "markdown"),
     "findings": ("table", "markdown", "json"),
     "memory": ("table", "markdown", "json"),

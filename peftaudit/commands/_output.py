@@ -49,6 +49,26 @@ def use_color(args: argparse.Namespace) -> bool:
     return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
 
 
+def shows_progress(args: argparse.Namespace) -> bool:
+    """A progress bar on stderr only for a person at a terminal: stderr and stdout (unless ``--output``)
+    are terminals, and not ``--format json``, ``--no-progress``, ``NO_COLOR`` or ``TERM=dumb``.
+
+    Piped or captured output (scripts, CI, pytest) never carries a bar.
+    """
+    if getattr(args, "no_progress", False) or getattr(args, "format", None) == "json":
+        return False
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return _is_terminal(sys.stderr) and (bool(getattr(args, "output", None)) or _is_terminal(sys.stdout))
+
+
+def _is_terminal(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):  # None, a closed stream, an object without isatty
+        return False
+
+
 def width(args: argparse.Namespace) -> int:
     explicit: int | None = getattr(args, "width", None)
     if explicit:

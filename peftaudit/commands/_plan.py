@@ -23,13 +23,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser, run: Callable[[argparse.
     parser.set_defaults(run=run)
 
 
-def stack_words(plan: TrainingPlan) -> str:
-    """``", stack transformers 4.44, peft 0.12"`` for a plan line; ``""`` when the plan names no release."""
-    from peftaudit.memory.stack import describe
-
-    return f", stack {describe(plan.stack)}" if plan.stack else ""
-
-
 def model_and_plans(args: argparse.Namespace, default_methods: str) -> tuple[LoadedModel, list[TrainingPlan]]:
     """MODEL, loaded; then the plans the flags ask for, methods defaulting to ``default_methods``."""
     from peftaudit.memory import cli as memory_cli

@@ -7,7 +7,7 @@ from typing import Any
 
 from peftaudit.commands._model import add_model_arguments
 from peftaudit.commands._output import emit, table_or_json, use_color, width
-from peftaudit.commands._plan import add_plan_arguments, model_and_plans, stack_words
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans
 from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
@@ -56,11 +56,13 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.OK
     if args.max_gpus < 1:
         raise PeftauditError(f"--max-gpus must be at least 1, got {args.max_gpus}")
-    from peftaudit.gpus.sizing import smallest_setup
+    from peftaudit.gpus.sizing import sweep
+    from peftaudit.progress import task
 
     model, plans = model_and_plans(args, DEFAULT_COMPARE)
     inventory = model.inventory
-    rows = [[smallest_setup(inventory, p, g, max_gpus=args.max_gpus) for p in plans] for g in gpus]
+    with task(f"sizing {', '.join(p.method for p in plans)} on {len(gpus)} GPUs") as progress:
+        rows = sweep(inventory, plans, gpus, max_gpus=args.max_gpus, progress=progress)
     context = inventory.dims.max_position_embeddings or CHART_SEQ_LENS[-1]
     seqs = [s for s in CHART_SEQ_LENS if s <= context] or [CHART_SEQ_LENS[0]]
     limits = _limits(gpus)
@@ -81,11 +83,10 @@ def run(args: argparse.Namespace) -> int:
         }
         emit(dumps(data) + "\n", args)
         return ExitCode.OK
-    out.print(
-        f"{model.resolved.id}: batch {plans[0].batch_size} x seq {plans[0].seq_len:,} per GPU{stack_words(plans[0])}",
-        markup=False,
-    )
-    render.sweep_table(rows, [p.method for p in plans], gpus, out)
+    out.print(model.resolved.id, markup=False)
+    line = render.plan_lines(plans, out)
+    labels = [f"{p.method} ({rest})" if rest else p.method for p, rest in zip(plans, line.rest, strict=True)]
+    render.sweep_table(rows, labels, gpus, out)
     render.seq_chart(curve, limits, out)
     emit(buffer.getvalue(), args)
     return ExitCode.OK

@@ -8,7 +8,7 @@ from typing import Any
 
 from peftaudit.commands._model import add_model_arguments
 from peftaudit.commands._output import emit, non_negative_float, positive_float, table_or_json, use_color, width
-from peftaudit.commands._plan import add_plan_arguments, model_and_plans, stack_words
+from peftaudit.commands._plan import add_plan_arguments, model_and_plans
 from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     model, plans = model_and_plans(args, "lora")
     inventory = model.inventory
     rows: list[dict[str, Any]] = []
-    lines: list[str] = []
+    lines: list[list[str]] = []
     for plan in plans:
         chosen = fit(inventory, plan, gpu) if plan.gpus > 1 else smallest_setup(inventory, plan, gpu)
         if not chosen.fits:
@@ -70,14 +70,17 @@ def run(args: argparse.Namespace) -> int:
                 "seconds_per_step": step_seconds,
             }
         )
-        lines += [f"{plan.method}:", *(f"  {line}" for line in render.cost_lines(chosen, cost, steps, step_seconds))]
+        lines.append(render.cost_lines(chosen, cost, steps, step_seconds))
     if fmt == "json":
         data = {"model": model.resolved.id, "gpu": gpu.name, "tokens": tokens, "stack": dict(plans[0].stack)}
         emit(dumps({**data, "plans": rows}) + "\n", args)
         return ExitCode.OK
     out, buffer = render.console(width(args), use_color(args))
-    out.print(f"{model.resolved.id}: {tokens:,} tokens on {gpu.name}{stack_words(plans[0])}", markup=False)
-    for line in lines:
-        out.print(line, markup=False)
+    out.print(f"{model.resolved.id}: {tokens:,} tokens on {gpu.name}", markup=False)
+    plan_line = render.plan_lines(plans, out)
+    for plan, rest, answer in zip(plans, plan_line.rest, lines, strict=True):
+        out.print(f"{plan.method} ({rest}):" if rest else f"{plan.method}:", markup=False)
+        for line in answer:
+            out.print(f"  {line}", markup=False)
     emit(buffer.getvalue(), args)
     return ExitCode.OK

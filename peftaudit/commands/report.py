@@ -1,4 +1,9 @@
-"""``peftaudit report MODEL``: the parameter inventory of a model, without its weights."""
+"""``peftaudit report MODEL``: the parameter inventory of a model, without its weights.
+
+Without ``--method``/``--compare`` the report also answers what training takes
+and what to train: the memory table and the recommendation of
+:mod:`peftaudit.report.glance`; ``--params-only`` narrows it to the counts.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,13 @@ def add_parser(sub: Any) -> None:
 
     parser = sub.add_parser(
         "report",
-        help="count a model's parameters per layer, trainable and frozen, tied and shared",
+        help="count a model's parameters per layer and show what training it takes and what to train",
         description=(
             "Build MODEL on the meta device (no weights are downloaded or allocated) and report "
-            "its parameters: totals, per layer, per kind, tied groups, MoE active parameters."
+            "its parameters: totals, per layer, per kind, tied groups, MoE active parameters; then "
+            "training memory at a glance (full fine-tuning, LoRA and QLoRA at the default plan, with and "
+            "without gradient checkpointing, on 24, 48 and 80 GB GPUs) and the recommended LoRA in one line. "
+            "--params-only shows the counts alone; --method/--compare show detailed estimates instead."
         ),
     )
     add_model_arguments(parser)
@@ -26,6 +34,11 @@ def add_parser(sub: Any) -> None:
     source.add_argument("--no-cache", action="store_true", help="rebuild the report instead of reusing a cached one")
     shown = parser.add_argument_group("what to show")
     shown.add_argument("--tree", action="store_true", help="also show the module tree with counts")
+    shown.add_argument(
+        "--params-only",
+        action="store_true",
+        help="only the parameter counts: no memory at a glance, no recommendation (faster on a first run)",
+    )
     add_check_arguments(parser)
     memory_cli.add_arguments(parser)
     add_output_arguments(parser)
@@ -66,21 +79,30 @@ def _report_and_findings(
     from peftaudit.report import report_for
 
     plans = memory_cli.plans_from_args(args)
+    if plans and args.params_only:
+        from peftaudit.errors import PeftauditError
+
+        raise PeftauditError("--params-only shows the counts alone: leave out --method, --compare and the memory flags")
+    # The default report answers at a glance; asked-for estimates replace the glance's table.
+    glance = not plans and not args.params_only
     checks = args.checks or args.fail_on != "never"
     use_cache = not args.no_cache
     if not plans and not checks:
-        return report_for(resolved, source, options, use_cache=use_cache), ()
+        return report_for(resolved, source, options, use_cache=use_cache, glance=glance), ()
     from peftaudit.sources.load import load_resolved
 
     loaded = load_resolved(resolved, source, options)  # one meta build for the report, estimates and checks
-    report = report_for(resolved, source, options, use_cache=use_cache, loaded=loaded)
+    report = report_for(resolved, source, options, use_cache=use_cache, loaded=loaded, glance=glance)
     estimates: list[Any] = []
     if plans:
         estimates = _estimates(loaded.inventory, plans)
         if estimates and memory_cli.wants_trace(args):
             from peftaudit.memory import trace
+            from peftaudit.progress import task
 
-            estimates += [trace(loaded.skeleton(), plan) for plan in plans]
+            for plan in plans:
+                with task(f"tracing {plan.method}") as progress:
+                    estimates.append(trace(loaded.skeleton(), plan, progress=progress))
     findings: tuple[Any, ...] = ()
     if checks:
         from peftaudit.recommend.checks import CheckContext, run_checks

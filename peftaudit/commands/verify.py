@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -84,14 +83,20 @@ def _weight_bytes(path: str, allow_pickle: bool) -> int:
 
 
 @contextmanager
-def progress_for(paths: Sequence[str | None], args: argparse.Namespace) -> Iterator[Any]:
-    """A progress bar on stderr for large checkpoints on a terminal, else nothing."""
-    from peftaudit.verification.render import progress_bar
+def progress_for(paths: Sequence[str | None], args: argparse.Namespace) -> Iterator[Callable[[int], None] | None]:
+    """``progress(nbytes)`` for hashing: the progress bar for large checkpoints, when the command
+    line shows one (:func:`peftaudit.commands._output.shows_progress`), else ``None``."""
+    from peftaudit import progress
 
-    enabled = not args.no_progress and sys.stderr.isatty() and not os.environ.get("NO_COLOR")
-    total = sum(_weight_bytes(p, args.allow_pickle) for p in paths if p) if enabled else 0
-    with progress_bar(total, enabled=enabled and total >= PROGRESS_MIN_BYTES) as progress:
-        yield progress
+    if not progress.active():
+        yield None
+        return
+    total = sum(_weight_bytes(p, args.allow_pickle) for p in paths if p)
+    if total < PROGRESS_MIN_BYTES:
+        yield None
+        return
+    with progress.task("hashing", unit="bytes") as bar:
+        yield progress.advancing(bar, total)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from peftaudit.render.numbers import gib
@@ -12,7 +12,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from peftaudit.gpus.catalog import GPU
-    from peftaudit.gpus.sizing import Fit, RunCost
+    from peftaudit.gpus.sizing import Fit, Largest, LargestFit, RunCost
+    from peftaudit.memory.plan import TrainingPlan
+    from peftaudit.render.plan import PlanLine
 
 
 def console(width: int, color: bool) -> tuple[Console, io.StringIO]:
@@ -106,11 +108,26 @@ def seq_chart(
             out.print(f"{method:<{label}} {seq:>7,} {''.join(cells)} {gib(b)}", markup=False)
 
 
-def fit_table(results: Sequence[tuple[str, bool, int, int, int, int]], out: Console) -> None:
-    """Rows: method, checkpointing, max batch, max seq, and the sizes they were searched at."""
+def plan_lines(plans: Sequence[TrainingPlan], out: Console, *, omit: Collection[str] = ()) -> PlanLine:
+    """Print the plan line the plans share (wrapped at the console's width); returns it, with each plan's rest."""
+    from peftaudit.render.plan import plan_line
+
+    line = plan_line(plans, omit=omit)
+    for text in line.wrapped(out.width):
+        out.print(text, markup=False)
+    return line
+
+
+def fit_table(results: Sequence[LargestFit], out: Console) -> None:
+    """The plan line, then rows: method, checkpointing, max batch, max seq, and the sizes they were searched at.
+
+    The batch and the length come from the searches, so the plan line leaves them to the table; a value the
+    search's cap stopped (the model's context, the batch search's maximum) says so.
+    """
     from rich import box
     from rich.table import Table
 
+    line = plan_lines([r.plan for r in results], out, omit=("batch", "checkpointing"))
     table = Table(
         title="Largest that fits (searched with the estimator; one step more does not fit)",
         title_justify="left",
@@ -118,16 +135,35 @@ def fit_table(results: Sequence[tuple[str, bool, int, int, int, int]], out: Cons
     )
     for name in ("Method", "Grad. ckpt", "Max batch", "at seq", "Max seq len", "at batch"):
         table.add_column(name, justify="left" if name in ("Method", "Grad. ckpt") else "right")
-    for method, gc, batch, at_seq, seq, at_batch in results:
+    for r, rest in zip(results, line.rest, strict=True):
         table.add_row(
-            method,
-            "on" if gc else "off",
-            f"{batch:,}" if batch else "none",
-            f"{at_seq:,}",
-            f"{seq:,}" if seq else "none",
-            f"{at_batch:,}",
+            f"{r.plan.method} ({rest})" if rest else r.plan.method,
+            "on" if r.plan.gradient_checkpointing else "off",
+            _largest(r.batch),
+            f"{r.plan.seq_len:,}",
+            _largest(r.seq),
+            f"{r.plan.batch_size:,}",
         )
     out.print(table)
+    capped = [("batch", r.batch) for r in results if r.batch.capped] + [("seq", r.seq) for r in results if r.seq.capped]
+    for what, cap, reason in dict.fromkeys((what, found.cap, found.cap_reason) for what, found in capped):
+        out.print(_cap_note(what, cap, reason), markup=False)
+
+
+def _largest(found: Largest) -> str:
+    """``"832"``, ``"none"``, or ``"131,072 (capped)"`` where the search's cap, not the memory, stopped it."""
+    if not found.value:
+        return "none"
+    return f"{found.value:,}" + (" (capped)" if found.capped else "")
+
+
+def _cap_note(what: str, cap: int, reason: str) -> str:
+    """The line under the fit table that says which cap a ``(capped)`` value met: more may fit in memory."""
+    if what == "batch":
+        return f"(capped): the batch search stops at its maximum, {cap:,}"
+    if reason == "context":
+        return f"(capped): the length search stops at the model's context, {cap:,} tokens (max_position_embeddings)"
+    return f"(capped): the length search stops at its maximum, {cap:,} tokens"
 
 
 def cost_lines(setup: Fit, cost: RunCost, steps: int, step_seconds: float) -> list[str]:

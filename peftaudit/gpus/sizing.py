@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.gpus.catalog import GPU
     from peftaudit.inventory import Inventory
     from peftaudit.memory import TrainingPlan
+    from peftaudit.progress import Progress
 
 #: GPU counts tried when one GPU is not enough.
 GPU_COUNTS: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
@@ -148,11 +149,69 @@ def smallest_setup(
     return last
 
 
+#: The largest micro-batch the batch search tries.
+MAX_BATCH = 1 << 16
+#: The longest sequence the sequence search tries for a model whose config states no context.
+MAX_SEQ = 1 << 20
+
+
+@dataclass(frozen=True)
+class Largest:
+    """The largest value a search found to fit, and the cap it searched up to.
+
+    ``capped`` says the search stopped at its cap, not at the memory: the value
+    fits, and more might, but the model's context (or the stated maximum) ends the search.
+    """
+
+    value: int
+    """The largest that fits; 0 when not even the smallest does."""
+    cap: int
+    """The most the search could try: the model's ``max_position_embeddings``, or the search's maximum."""
+    cap_reason: str
+    """``context`` (the model's ``max_position_embeddings``) or ``search-limit`` (a stated maximum)."""
+    capped: bool
+    """Whether the value is the largest the cap allows (the next step would pass the cap)."""
+
+    def cap_to_dict(self) -> dict[str, Any] | None:
+        """``{"limit": 131072, "reason": "context"}`` when the search hit its cap, else ``None``."""
+        return {"limit": self.cap, "reason": self.cap_reason} if self.capped else None
+
+
+def largest_batch_size(
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, limit: int = MAX_BATCH, peak: Estimator = peak_bytes
+) -> Largest:
+    """The largest micro-batch that fits, up to ``limit`` (capped when ``limit`` itself fits)."""
+    best = _largest(lambda n: fit(inventory, plan.with_(batch_size=n), gpu, peak=peak).fits, 1, limit, 1)
+    return Largest(max(best, 0), limit, "search-limit", best >= limit)
+
+
+def largest_seq_len(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    gpu: GPU,
+    *,
+    limit: int | None = None,
+    step: int = SEQ_STEP,
+    peak: Estimator = peak_bytes,
+) -> Largest:
+    """The longest sequence (a multiple of ``step``) that fits, up to ``limit``.
+
+    ``limit`` defaults to the model's ``max_position_embeddings`` (the cap is then
+    the model's context), or :data:`MAX_SEQ` tokens when the config states none.
+    """
+    context = inventory.dims.max_position_embeddings
+    ceiling = limit or context or MAX_SEQ
+    reason = "context" if not limit and context else "search-limit"
+    top = ceiling // step
+    steps = _largest(lambda k: fit(inventory, plan.with_(seq_len=k * step), gpu, peak=peak).fits, 1, top, 1)
+    return Largest(max(steps, 0) * step, ceiling, reason, steps >= top > 0)
+
+
 def max_batch_size(
-    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, limit: int = 1 << 16, peak: Estimator = peak_bytes
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, limit: int = MAX_BATCH, peak: Estimator = peak_bytes
 ) -> int:
-    """The largest micro-batch that fits (0 when not even one sequence does)."""
-    return _largest(lambda n: fit(inventory, plan.with_(batch_size=n), gpu, peak=peak).fits, 1, limit, 1)
+    """The largest micro-batch that fits (0 when not even one sequence does); :func:`largest_batch_size`'s value."""
+    return largest_batch_size(inventory, plan, gpu, limit=limit, peak=peak).value
 
 
 def max_seq_len(
@@ -164,14 +223,56 @@ def max_seq_len(
     step: int = SEQ_STEP,
     peak: Estimator = peak_bytes,
 ) -> int:
-    """The longest sequence (a multiple of ``step``) that fits, up to ``limit``.
+    """The longest sequence (a multiple of ``step``) that fits, up to ``limit``; :func:`largest_seq_len`'s value.
 
     ``limit`` defaults to the model's ``max_position_embeddings`` (or 1M tokens
     when the config has none); 0 means not even ``step`` tokens fit.
     """
-    ceiling = limit or inventory.dims.max_position_embeddings or 1 << 20
-    steps = _largest(lambda k: fit(inventory, plan.with_(seq_len=k * step), gpu, peak=peak).fits, 1, ceiling // step, 1)
-    return steps * step
+    return largest_seq_len(inventory, plan, gpu, limit=limit, step=step, peak=peak).value
+
+
+@dataclass(frozen=True)
+class LargestFit:
+    """``peftaudit fit``'s answer for one plan: the largest micro-batch at the plan's length and the
+    longest sequence at its batch, each with the fit at that size and the cap the search reached."""
+
+    plan: TrainingPlan
+    batch: Largest
+    seq: Largest
+    seq_step: int
+    at_max_batch: Fit
+    at_max_seq: Fit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.plan.method,
+            "gradient_checkpointing": self.plan.gradient_checkpointing,
+            "max_batch_size": self.batch.value,
+            "max_batch_size_cap": self.batch.cap_to_dict(),
+            "at_seq_len": self.plan.seq_len,
+            "max_seq_len": self.seq.value,
+            "max_seq_len_cap": self.seq.cap_to_dict(),
+            "at_batch_size": self.plan.batch_size,
+            "seq_step": self.seq_step,
+            "at_max_batch": self.at_max_batch.to_dict(),
+            "at_max_seq": self.at_max_seq.to_dict(),
+        }
+
+
+def largest_fit(
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, step: int = SEQ_STEP, peak: Estimator = peak_bytes
+) -> LargestFit:
+    """The largest micro-batch (at ``plan.seq_len``) and the longest sequence (at ``plan.batch_size``) on ``gpu``."""
+    batch = largest_batch_size(inventory, plan, gpu, peak=peak)
+    seq = largest_seq_len(inventory, plan, gpu, step=step, peak=peak)
+    return LargestFit(
+        plan=plan,
+        batch=batch,
+        seq=seq,
+        seq_step=step,
+        at_max_batch=fit(inventory, plan.with_(batch_size=max(batch.value, 1)), gpu, peak=peak),
+        at_max_seq=fit(inventory, plan.with_(seq_len=max(seq.value, step)), gpu, peak=peak),
+    )
 
 
 def _largest(fits: Callable[[int], bool], low: int, high: int, step: int) -> int:
@@ -320,7 +421,27 @@ def run_cost(
 
 
 def sweep(
-    inventory: Inventory, plans: Sequence[TrainingPlan], gpus: Sequence[GPU], *, peak: Estimator = peak_bytes
+    inventory: Inventory,
+    plans: Sequence[TrainingPlan],
+    gpus: Sequence[GPU],
+    *,
+    max_gpus: int = 128,
+    peak: Estimator = peak_bytes,
+    progress: Progress | None = None,
 ) -> list[list[Fit]]:
-    """For each GPU, for each plan: the smallest setup that fits (rows follow ``gpus``)."""
-    return [[smallest_setup(inventory, plan, gpu, peak=peak) for plan in plans] for gpu in gpus]
+    """For each GPU, for each plan: the smallest setup that fits (rows follow ``gpus``).
+
+    ``progress(done, total)`` is told how many of the ``len(gpus) x len(plans)`` searches are done.
+    """
+    total = len(gpus) * len(plans)
+    rows: list[list[Fit]] = []
+    for gpu in gpus:
+        row: list[Fit] = []
+        for plan in plans:
+            if progress is not None:
+                progress(len(rows) * len(plans) + len(row), total)
+            row.append(smallest_setup(inventory, plan, gpu, max_gpus=max_gpus, peak=peak))
+        rows.append(row)
+    if progress is not None:
+        progress(total, total)
+    return rows

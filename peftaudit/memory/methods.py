@@ -111,7 +111,7 @@ class LoraMethod:
     quantization: str | None = None
 
     def adapt(self, inventory: Inventory, plan: TrainingPlan) -> Adaptation:
-        quant = self._quantization(plan)
+        quant = self.quantization_for(plan)
         if quant is not None and not any(m.is_linear for m in inventory.modules):
             raise PlanError(f"{self.name} quantizes linear layers, and this {inventory.architecture} has none")
         adapters = lora_adapters(inventory, plan, kind=self.kind)
@@ -123,7 +123,9 @@ class LoraMethod:
             quantization=quant,
         )
 
-    def _quantization(self, plan: TrainingPlan) -> str | None:
+    def quantization_for(self, plan: TrainingPlan) -> str | None:
+        """How this method stores the frozen linear weights under ``plan``: ``nf4``, ``fp4``, ``int8``,
+        ``fp8``, or ``None`` (the plan's dtype)."""
         if plan.base_dtype in ("nf4", "fp4", "int8", "fp8"):
             return plan.base_dtype
         if self.quantization == "4bit":
@@ -170,6 +172,17 @@ class PromptTuningMethod:
             virtual_tokens=plan.num_virtual_tokens,
             prompt_params=plan.num_virtual_tokens * hidden,
         )
+
+
+def base_quantization(plan: TrainingPlan) -> str | None:
+    """How ``plan``'s method stores frozen linear weights (``nf4``, ``fp4``, ``int8``, ``fp8``), or ``None``
+    where they keep the plan's dtype. Read from the registered method (a plugin's LoRA variant included);
+    a checkpoint's own ``quantization_config`` aside, which the estimate's ``base_storage`` describes.
+    """
+    from peftaudit.plugins import memory_methods
+
+    quantization_for = getattr(memory_methods().get(plan.method), "quantization_for", None)
+    return quantization_for(plan) if callable(quantization_for) else None
 
 
 def _lora_biases(inventory: Inventory, plan: TrainingPlan, adapters: tuple[ModuleAdapter, ...]) -> frozenset[str]:

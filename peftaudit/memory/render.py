@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, MemoryEstimate
-from peftaudit.memory.stack import describe
+from peftaudit.render.plan import PlanLine, plan_line
 from peftaudit.units import GIB
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,17 +69,16 @@ def _label(e: MemoryEstimate) -> str:
     return e.method if e.source == "analytic" else f"{e.method} ({e.source})"
 
 
-def _stack(e: MemoryEstimate) -> str:
-    """The releases the plan named (``"transformers 4.44, peft 0.12"``); ``""`` for the installed stack."""
-    return describe(e.plan.get("stack"))
+def _plan(estimates: Sequence[MemoryEstimate]) -> PlanLine:
+    """The plan line the estimates share; what differs between them (a 4-bit base) goes in their rows."""
+    return plan_line([e.plan for e in estimates])
 
 
-def _stack_lines(estimates: Sequence[MemoryEstimate]) -> tuple[str, list[str]]:
-    """The stack all estimates share (``""``: none named, or they differ), and else one line each."""
-    stacks = [_stack(e) for e in estimates]
-    if len(set(stacks)) == 1:
-        return stacks[0], []
-    return "", [f"stack ({_label(e)}): {s or 'installed'}" for e, s in zip(estimates, stacks, strict=True)]
+def _row_label(e: MemoryEstimate, rest: str) -> str:
+    """The method cell of a table row: the label plus what this plan does apart from the others."""
+    if not rest:
+        return _label(e)
+    return f"{e.method} ({rest})" if e.source == "analytic" else f"{e.method} ({e.source}, {rest})"
 
 
 def _shown(estimates: Sequence[MemoryEstimate]) -> list[str]:
@@ -95,15 +94,16 @@ def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, w
     if not estimates:
         return
     shown = _shown(estimates)
-    stack, stack_lines = _stack_lines(estimates)
-    title = "Peak GPU memory per GPU (GiB)" + (f", stack {stack}" if stack else "")
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, padding=(0, 1))
+    plan = _plan(estimates)
+    for line in plan.wrapped(console.width):
+        console.print(line, markup=False)
+    table = Table(title="Peak GPU memory per GPU (GiB)", title_justify="left", box=None, pad_edge=False, padding=(0, 1))
     table.add_column("method", style="bold", no_wrap=True)
     for c in shown:
         table.add_column(_SHORT[c], justify="right", style=_STYLE[c], no_wrap=True)
     table.add_column("peak", justify="right", style="bold", no_wrap=True)
-    for e in estimates:
-        table.add_row(_label(e), *(_gib(e.components.get(c, 0)) for c in shown), _gib(e.total_bytes))
+    for e, rest in zip(estimates, plan.rest, strict=True):
+        table.add_row(_row_label(e, rest), *(_gib(e.components.get(c, 0)) for c in shown), _gib(e.total_bytes))
     console.print(table)
 
     # Bar chart: one stacked bar per estimate, all on the same scale.
@@ -121,8 +121,6 @@ def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, w
     for c in shown:
         legend.append(f"{_GLYPH[c]} {_SHORT[c]}  ", style=_STYLE[c])
     console.print(legend)
-    for line in stack_lines:
-        console.print(line, markup=False)
     reserved = _reserved_line(estimates)
     if reserved:
         console.print(reserved, markup=False, style="bright_black")
@@ -142,9 +140,14 @@ def _reserved_line(estimates: Sequence[MemoryEstimate]) -> str:
         figures = f"{_gib(known[0].reserved_bytes)} GiB"
     else:
         figures = ", ".join(f"{_label(e)} {_gib(e.reserved_bytes)}" for e in known) + " GiB"
+    # A long run of varying lengths keeps caching blocks wherever there is room; a smaller card is
+    # not short of memory for it: its allocator frees that cache and retries.
+    varied = any(e.plan.get("lengths") == "varied" for e in known)
+    over = " over a long run of varying lengths" if varied else ""
+    smaller = "; on a smaller card the allocator frees that cache and the step runs in the peak" if varied else ""
     return (
         "peak: the least memory the step runs in (CUDA context included); with memory to spare "
-        f"PyTorch reserves {figures} (max_memory_reserved; nvidia-smi adds the context)"
+        f"PyTorch reserves {figures}{over} (max_memory_reserved; nvidia-smi adds the context){smaller}"
     )
 
 
@@ -163,16 +166,15 @@ def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
     if not estimates:
         return ""
     shown = _shown(estimates)
-    stack, stack_lines = _stack_lines(estimates)
+    plan = _plan(estimates)
     head = ["method", *(_SHORT[c] for c in shown), "peak (GiB)", "peak at"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(shown) + 1) + ["---"]) + "|"]
-    for e in estimates:
-        cells = [_label(e), *(_gib(e.components.get(c, 0)) for c in shown), f"**{_gib(e.total_bytes)}**", e.peak_phase]
+    lines = [plan.text, ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(shown) + 1) + ["---"]) + "|"]
+    for e, rest in zip(estimates, plan.rest, strict=True):
+        label = _row_label(e, rest)
+        cells = [label, *(_gib(e.components.get(c, 0)) for c in shown), f"**{_gib(e.total_bytes)}**", e.peak_phase]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if stack or stack_lines:
-        lines += [f"Stack: {stack}"] if stack else stack_lines
-        lines.append("")
     reserved = _reserved_line(estimates)
     if reserved:
         lines += [reserved[0].upper() + reserved[1:] + ".", ""]

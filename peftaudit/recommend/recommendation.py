@@ -13,7 +13,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from peftaudit.recommend.budget import BudgetFit, MicroBatch, fit_budget, recipe_peak_bytes, state_bytes
+from peftaudit.recommend.budget import (
+    BudgetFit,
+    MicroBatch,
+    fit_budget,
+    recipe_peak_bytes,
+    state_bytes,
+    training_plan,
+)
 from peftaudit.recommend.checks import CheckContext, run_checks
 from peftaudit.recommend.findings import Finding
 from peftaudit.recommend.rank import TASKS, Reason, choose, hyperparameters_at, neighbours
@@ -35,6 +42,7 @@ from peftaudit.towers import LANGUAGE_MODEL, PROJECTOR, VISION, is_vision_encode
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.inventory import Inventory
+    from peftaudit.memory.plan import TrainingPlan
     from peftaudit.recommend.facts import ModelFacts
 
 #: Bumped only for incompatible changes to ``Recommendation.to_dict()``.
@@ -129,6 +137,10 @@ class Recommendation:
     budget: BudgetFit | None = None
     notes: tuple[str, ...] = field(default=())
     schema_version: int = SCHEMA_VERSION
+    plan: TrainingPlan | None = None
+    """The training plan the memory figures are for (the recipe at the micro-batch, checkpointing as the
+    budget chose); ``None`` where the estimator cannot estimate the model. The renderers' plan line;
+    ``to_dict`` carries the request instead."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data with stable keys: exactly what ``--format json`` prints."""
@@ -293,6 +305,7 @@ def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest
         peak_bytes=peak,
         budget=budget,
         notes=tuple(notes),
+        plan=training_plan(recipe, shape) if peak is not None else None,
     )
 
 

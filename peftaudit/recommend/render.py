@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from peftaudit.memory.stack import describe
 from peftaudit.recommend.findings import Finding, counts
 from peftaudit.recommend.recommendation import Recommendation
 from peftaudit.recommend.references import REFERENCES
 from peftaudit.render.json import dumps
 from peftaudit.render.numbers import count, gib, percent, short
+from peftaudit.render.plan import plan_line
 
 FORMATS: tuple[str, ...] = ("table", "markdown", "json")
 
@@ -29,13 +29,9 @@ def render_recommendation(rec: Recommendation, fmt: str = "table") -> str:
         asked.append(f"{short(req.tokens)} training tokens")
     if req.budget_bytes:
         asked.append(f"budget {req.gpu + ' ' if req.gpu else ''}{gib(req.budget_bytes)}")
-    if req.stack:
-        asked.append("stack " + describe(req.stack))
-    if req.expandable_segments:
-        asked.append("expandable segments")
-    if req.lengths != "fixed":
-        asked.append(f"{req.lengths} lengths")
     out.append(", ".join(asked))
+    if rec.plan is not None:  # what the memory figures below assume (stack, allocator settings included)
+        out += ["", plan_line(rec.plan).text] if md else [plan_line(rec.plan).text]
     out.append("")
 
     t = recipe.targets
@@ -64,7 +60,7 @@ def render_recommendation(rec: Recommendation, fmt: str = "table") -> str:
     rows.append(("trainable", f"{count(rec.trainable)} ({percent(rec.trainable, rec.total_params)} of the model)"))
     memory = f"adapter state {gib(rec.trainable * 16)}"
     if rec.peak_bytes is not None:
-        memory = f"peak {gib(rec.peak_bytes)} per GPU at batch {req.batch_size} x {req.seq_len}; " + memory
+        memory = f"peak {gib(rec.peak_bytes)} per GPU; " + memory
     rows.append(("memory", memory))
     out += _pairs(rows, md)
 

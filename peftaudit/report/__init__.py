@@ -3,6 +3,7 @@
 * :mod:`~peftaudit.report.model`: the data (:class:`Report` and its parts) and its JSON;
 * :mod:`~peftaudit.report.layers`: the per-layer table and the module tree;
 * :mod:`~peftaudit.report.build`: building one (:func:`audit`, the cache);
+* :mod:`~peftaudit.report.glance`: the default report's training memory at a glance and recommendation;
 * :mod:`~peftaudit.report.render`: the ``--format`` renderers (table, JSON, Markdown).
 """
 

@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from peftaudit.report.layers import layer_rows, module_tree
@@ -149,23 +149,47 @@ def report_for(
     *,
     use_cache: bool = True,
     loaded: LoadedModel | None = None,
+    glance: bool = False,
 ) -> Report:
     """The report for a resolved model, from the cache when this exact config was seen.
 
     ``loaded``: the model already built and walked (a caller that also estimates
-    or checks it), so a cache miss does not build it a second time.
+    or checks it), so a cache miss does not build it a second time. ``glance``:
+    with the memory table and the recommendation of the default report
+    (:mod:`peftaudit.report.glance`); without, the report has none.
+
+    One cache entry serves both: it holds the glance once a report with it was
+    asked for, and a report without it is answered from the same entry. An entry
+    without the glance (written by ``--params-only`` or :func:`audit`), or with
+    one placed on GPUs whose figures have changed since, is completed and rewritten.
     """
     from peftaudit import cache
 
     key = cache.key_for(resolved, options) if use_cache else None
-    if key is not None:
-        cached = cache.load(key)
-        if cached is not None:
-            return cached
+    cached = cache.load(key) if key is not None else None
+    if cached is not None:
+        if not glance:
+            return replace(cached, glance=None)
+        if cached.glance is not None:
+            from peftaudit.report.glance import is_current
+
+            if is_current(cached.glance):
+                return cached
     if loaded is None:
         from peftaudit.sources.load import load_resolved
 
         loaded = load_resolved(resolved, model_source, options)
+    report = cached if cached is not None else _build(resolved, loaded)
+    if glance:
+        from peftaudit.report.glance import glance_for
+
+        report = replace(report, glance=glance_for(loaded.inventory, loaded.facts, model_id=report.model.id))
+    if key is not None:
+        cache.store(key, report)
+    return report
+
+
+def _build(resolved: ResolvedModel, loaded: LoadedModel) -> Report:
     inventory = loaded.inventory
     info = ModelInfo(
         id=resolved.id,
@@ -176,10 +200,7 @@ def report_for(
         revision=resolved.revision,
         published_params=resolved.published_params,
     )
-    report = build_report(info, inventory, notes=resolved.notes)
-    if key is not None:
-        cache.store(key, report)
-    return report
+    return build_report(info, inventory, notes=resolved.notes)
 
 
 def report_for_module(module: torch.nn.Module) -> Report:

@@ -19,6 +19,7 @@ from peftaudit.towers import Tower
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.memory.result import MemoryEstimate
     from peftaudit.recommend.findings import Finding
+    from peftaudit.report.glance import Glance
 
 #: Bumped only for incompatible changes to the JSON; new fields may appear in any version.
 SCHEMA_VERSION = 1
@@ -145,14 +146,21 @@ class Report:
     towers: tuple[Tower, ...] = ()
     """Vision-language models: parameters per tower, adding up to the total; empty for other models
     (and then absent from the JSON, so text-only reports read as before)."""
+    glance: Glance | None = None
+    """The default report's memory table and recommendation (:mod:`peftaudit.report.glance`); ``None`` with
+    ``--params-only``, with ``--method``/``--compare``, and from :func:`~peftaudit.report.audit`."""
     schema_version: int = SCHEMA_VERSION
     peftaudit_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data; exactly what ``--format json`` prints."""
-        data = asdict(replace(self, estimates=(), findings=()))
+        data = asdict(replace(self, estimates=(), findings=(), glance=None))
         data["estimates"] = [e.to_dict() for e in self.estimates]
         data["findings"] = [f.to_dict() for f in self.findings]
+        del data["glance"]  # written as two top-level fields, null when not computed
+        glance = self.glance
+        data["memory_at_a_glance"] = glance.memory.to_dict() if glance else None
+        data["recommendation"] = glance.recommendation.to_dict() if glance else None
         ordered = {"schema_version": data.pop("schema_version"), "peftaudit_version": data.pop("peftaudit_version")}
         ordered.update(data)
         if not self.towers:
@@ -187,9 +195,18 @@ class Report:
                 Tower(name=t["name"], params=t["params"], trainable=t["trainable"], modules=tuple(t["modules"]))
                 for t in data.get("towers", ())
             ),
+            glance=_glance_from(data.get("memory_at_a_glance"), data.get("recommendation")),
             schema_version=int(data["schema_version"]),
             peftaudit_version=str(data["peftaudit_version"]),
         )
+
+
+def _glance_from(memory: Mapping[str, Any] | None, recommendation: Mapping[str, Any] | None) -> Glance | None:
+    if memory is None or recommendation is None:  # written together; a report without them has neither
+        return None
+    from peftaudit.report.glance import Glance, MemoryGlance, RecommendationSummary
+
+    return Glance(MemoryGlance.from_dict(memory), RecommendationSummary.from_dict(recommendation))
 
 
 def _estimates_from(rows: Sequence[Mapping[str, Any]]) -> tuple[MemoryEstimate, ...]:

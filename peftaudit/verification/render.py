@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TextIO
 
 from peftaudit.render.json import dumps
 from peftaudit.severity import Severity
 from peftaudit.verification.causes import Cause
-from peftaudit.verification.values import Progress
 from peftaudit.verification.verdict import Finding, Verdict, format_size
 
 _MARK = {Severity.ERROR: "FAIL", Severity.WARNING: "warn", Severity.INFO: "note"}
@@ -80,36 +77,3 @@ def _detail(finding: Finding) -> str:
     if finding.size is not None:
         text += f"\n{format_size(finding.size)}"
     return text
-
-
-@contextmanager
-def progress_bar(total_bytes: int, *, enabled: bool, label: str = "hashing") -> Iterator[Progress | None]:
-    """A rich progress bar on stderr, advanced by a thread-safe byte counter (or nothing)."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-    from rich.progress import (
-        Progress as RichProgress,
-    )
-
-    columns = (
-        "{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with RichProgress(*columns, console=Console(file=sys.stderr), transient=True) as bar:
-        task = bar.add_task(label, total=total_bytes)
-
-        def advance(nbytes: int) -> None:
-            bar.advance(task, nbytes)
-
-        yield advance

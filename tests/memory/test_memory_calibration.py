@@ -276,3 +276,20 @@ def test_the_allocator_replay_reproduces_published_reserved_figures(pair: tuple[
     assert result.traced.allocator_source == "replay"
     assert result.traced.reserved_bytes > result.traced.allocated_bytes
     assert abs(result.error) <= 0.05, (pair[0], result.estimate_bytes / 2**30, result.row.measured_bytes / 2**30)
+
+
+def test_reserved_over_a_long_run_of_varying_lengths() -> None:
+    """ms-swift's Yi-6B LoRA runs (max_memory_reserved over about a thousand batches of varying length,
+    stack and settings known) within 20 %, issue 14's bound for known rows: the reserve of
+    ``--lengths varied`` is learned from long runs (allocator/lengths.py). Without them the estimate
+    was -29 % and -35 % at 4096 and 8192 tokens."""
+    rows = [row for row in calibration.load_rows() if row.id.startswith("swift-yi6b-lora8-")]
+    assert len(rows) == 5 and all(row.stack_known and row.settings_known for row in rows)
+    errors = {row.id: calibration.evaluate(row).error for row in rows}
+    assert max(abs(e) for e in errors.values()) <= 0.20, errors
+    # The long run is what closes the gap at long context: the fixed-length reserve stays far below it.
+    plan, _ = calibration.make_plan(rows[-1], use_stack=True)
+    assert plan.lengths == "varied"
+    inventory = calibration.inventory(rows[-1].model)
+    fixed = estimate(inventory, plan.with_(lengths="fixed"))
+    assert fixed.reserved_bytes < 0.8 * estimate(inventory, plan).reserved_bytes

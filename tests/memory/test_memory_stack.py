@@ -229,21 +229,21 @@ def test_report_shows_the_named_stack(capsys: pytest.CaptureFixture[str]) -> Non
     assert only["plan"]["stack"] == {"transformers": "4.30", "peft": "0.12"}
     assert [w["code"] for w in only["warnings"]] == ["stack-unknown"]
     text = _run([*base, "--stack", "transformers==4.44,peft==0.12"], capsys)
-    assert "Peak GPU memory per GPU (GiB), stack transformers 4.44, peft 0.12" in text
-    assert "stack" not in _run(base, capsys)  # the installed stack: nothing is shown
+    assert "stack: transformers 4.44, peft 0.12" in text  # the estimate's plan line names it
+    assert "stack: installed" in _run(base, capsys)
 
 
 def test_fit_gpus_plan_and_recommend_accept_the_stack(capsys: pytest.CaptureFixture[str]) -> None:
     stack = ["--stack", "transformers==4.44"]
     fit = _run(["fit", LLAMA_1B, "--gpu", "H100", "--seq-len", "256", *stack], capsys)
-    assert fit.splitlines()[0].endswith("usable), stack transformers 4.44")
+    assert fit.splitlines()[1].endswith(" · stack: transformers 4.44")  # the plan line
     gpus = _run(["gpus", LLAMA_1B, "--method", "lora", "--seq-len", "256", "--gpu", "H100", *stack, "--json"], capsys)
     assert [p["stack"] for p in json.loads(gpus)["plans"]] == [{"transformers": "4.44"}]
     plan = _run(["plan", LLAMA_1B, "--tokens", "1M", "--gpu", "H100", "--seq-len", "256", *stack, "--json"], capsys)
     assert json.loads(plan)["stack"] == {"transformers": "4.44"}
     rec = _run(["recommend", LLAMA_1B, "--seq-len", "256", *stack, "--json"], capsys)
     assert json.loads(rec)["request"]["stack"] == {"transformers": "4.44"}
-    assert "stack transformers 4.44" in _run(["recommend", LLAMA_1B, "--seq-len", "256", *stack], capsys)
+    assert "stack: transformers 4.44" in _run(["recommend", LLAMA_1B, "--seq-len", "256", *stack], capsys)
 
 
 @pytest.mark.parametrize("command", [["report", LLAMA_1B], ["fit", LLAMA_1B, "--gpu", "H100"], ["recommend", LLAMA_1B]])

@@ -9,7 +9,7 @@ finds the least device memory the step runs in, free-and-retry included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -77,13 +77,20 @@ def allocation_events(log: EventLog, *, in_place: bool = True) -> list[Event]:
     (``log.in_place``: ``new = a + b``) is added into ``a``'s buffer as real tensors do:
     ``new`` allocates nothing and shares ``a``'s buffer, freed when both are gone.
     """
+    return [e for e in marked_events(log, in_place=in_place) if not isinstance(e, str)]
+
+
+def marked_events(log: EventLog, *, in_place: bool = True) -> Iterator[Event | str]:
+    """:func:`allocation_events` with the log's marks (strings) where they fell."""
     accumulated = {new: a for new, a, _b in log.in_place} if in_place else {}
     owner: dict[int, int] = {}  # storage serial -> the buffer it lives in
     holders: dict[int, int] = {}  # buffer -> storages living in it
     sizes: dict[int, int] = {}
-    out: list[Event] = []
     for key, size in log.rows:
-        if isinstance(key, str) or size == 0:
+        if isinstance(key, str):
+            yield key
+            continue
+        if size == 0:
             continue
         if size > 0:
             target = accumulated.get(key)
@@ -95,7 +102,7 @@ def allocation_events(log: EventLog, *, in_place: bool = True) -> list[Event]:
             owner[key] = key
             holders[key] = 1
             sizes[key] = size
-            out.append((key, size))
+            yield (key, size)
             continue
         buffer = owner.pop(key, None)
         if buffer is None:
@@ -103,8 +110,7 @@ def allocation_events(log: EventLog, *, in_place: bool = True) -> list[Event]:
         holders[buffer] -= 1
         if holders[buffer] == 0:
             del holders[buffer]
-            out.append((buffer, -sizes.pop(buffer)))
-    return out
+            yield (buffer, -sizes.pop(buffer))
 
 
 def replay(

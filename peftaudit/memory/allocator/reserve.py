@@ -53,9 +53,11 @@ STATIC: tuple[str, ...] = (
 #: Components of the step's working set (:data:`STATIC` and these add up to the allocated peak).
 WORKING: tuple[str, ...] = ("weight_copies", "activations", "logits_and_loss", "temporaries")
 
-#: The steps a replay runs for ``--lengths varied``, as fractions of ``seq_len``: ever longer
-#: batches, each of which finds the blocks the shorter ones cached too small to reuse (the
-#: allocator's costliest order; the last step is the longest, whose activations the estimate has).
+#: The steps traced for ``--lengths varied``, as fractions of ``seq_len``: the first allocates the
+#: optimizer states, the last three give every allocation's size as a function of the length, from
+#: which :mod:`.lengths` makes the long run the reserve is replayed over. Their own replay (ever
+#: longer batches, each finding the blocks the shorter ones cached too small) gives the least
+#: capacity; the last step is the longest, whose activations the estimate has.
 VARIED: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -97,7 +99,7 @@ def plan_shape(plan: TrainingPlan, quantized: bool = False) -> str:
 
 
 def step_lengths(plan: TrainingPlan) -> tuple[int, ...]:
-    """The sequence length of each replayed step: two of ``seq_len``, or :data:`VARIED`'s four."""
+    """The sequence length of each traced step: two of ``seq_len``, or :data:`VARIED`'s four."""
     if plan.lengths != "varied":
         return (plan.seq_len, plan.seq_len)
     # Rounded up to a multiple of 8 (what padding to pad_to_multiple_of=8 gives), never past seq_len.

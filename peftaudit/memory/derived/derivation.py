@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftaudit.inventory import Inventory
 from peftaudit.memory.analytic.step import Segment, StepProfile
@@ -29,6 +29,9 @@ from peftaudit.memory.images import image_tokens_of, is_vision_model
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import TrainingPlan
 from peftaudit.memory.reached import dropped_feature_layers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,11 @@ def derive(
     operation fake tensors cannot run). ``rules``: the plan's stack rules
     (:mod:`~peftaudit.memory.stack_rules`); ``inventory`` is then their view of the model, and
     the traced copy is rebuilt the same way.
+
+    Deriving takes seconds (reading a stored profile does not): its progress goes to the command
+    line's progress bar when one is shown (:func:`peftaudit.progress.task`; a library call shows nothing).
     """
+    from peftaudit import progress
     from peftaudit.memory.derived import store
     from peftaudit.memory.stack_rules import traced
 
@@ -70,13 +77,20 @@ def derive(
     stored = store.load(key) if key is not None else None
     if stored is not None:
         return stored
-    derived = _derive(inventory, plan, adaptation, rules)
+    with progress.task(f"deriving the step profile of {inventory.architecture}") as report:
+        derived = _derive(inventory, plan, adaptation, rules, report)
     if key is not None:
         store.store(key, derived)
     return derived
 
 
-def _derive(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, rules: tuple[str, ...] = ()) -> Derived:
+def _derive(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    adaptation: Adaptation,
+    rules: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> Derived:
     assert inventory.config is not None
     model_stacks = [s for s in stacks(inventory, adaptation) if s.layers]
     if not model_stacks:
@@ -89,14 +103,14 @@ def _derive(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, ru
     points = POINTS[:2] if is_vision_model(inventory.config) else POINTS
     attention = plan.attention
     try:
-        cuts = [_trace(inventory, plan, model_stacks, b, base * m, adaptation.virtual_tokens, rules) for b, m in points]
+        cuts = _traces(inventory, plan, model_stacks, [(b, base * m) for b, m in points], virtual, rules, progress)
     except DerivationError as exc:
         if attention == "eager" or "does not support" not in str(exc):
             raise
         # transformers refuses SDPA for some models (Gemma 2's logit soft-capping); they train eager.
         attention = "eager"
         plan = replace(plan, attention="eager")
-        cuts = [_trace(inventory, plan, model_stacks, b, base * m, adaptation.virtual_tokens, rules) for b, m in points]
+        cuts = _traces(inventory, plan, model_stacks, [(b, base * m) for b, m in points], virtual, rules, progress)
     if plan.gradient_accumulation > 1:
         cuts = [_accumulating(c) for c in cuts]
     fitted = fit(cuts, base)
@@ -156,6 +170,26 @@ def _accumulating(c: Cut) -> Cut:
     result.head = (c.head[0], convert(c.head[1]))
     result.layers = {k: (f, convert(b)) for k, (f, b) in c.layers.items()}
     return result
+
+
+def _traces(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    model_stacks: list[Stack],
+    sizes: list[tuple[int, int]],
+    virtual: int,
+    rules: tuple[str, ...],
+    progress: Progress | None,
+) -> list[Cut]:
+    """:func:`_trace` at each ``(batch, seq)`` of ``sizes``, telling ``progress`` how many are done."""
+    cuts: list[Cut] = []
+    for batch, seq in sizes:
+        if progress is not None:
+            progress(len(cuts), len(sizes))
+        cuts.append(_trace(inventory, plan, model_stacks, batch, seq, virtual, rules))
+    if progress is not None:
+        progress(len(cuts), len(sizes))
+    return cuts
 
 
 def _trace(

@@ -34,16 +34,19 @@ memory-faithful stand-ins, each kept small and explicit:
 Every allocation and free is logged and replayed through a model of PyTorch's CUDA
 caching allocator (:mod:`peftaudit.memory.allocator`): the allocator margin is the least
 device memory the steps run in above the allocated peak, and ``reserved_bytes`` what
-``max_memory_reserved`` would show with memory to spare (``--lengths varied``: four
-steps of growing length). Known gaps: kernel workspaces (cuBLAS, flash-attention's own
-scratch) are not tensors and are not seen; the CUDA context is added from the plan.
+``max_memory_reserved`` would show with memory to spare (``--lengths varied``: over a long
+run of batches of varying length, made from four traced steps of growing length). Known
+gaps: kernel workspaces (cuBLAS, flash-attention's own scratch) are not tensors and are not
+seen; the CUDA context is added from the plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from peftaudit.memory.allocator import allocation_events, reserve, smallest_capacity
+from peftaudit.memory.allocator.lengths import reserved_over_run
 from peftaudit.memory.allocator.reserve import Overheads, step_lengths
 from peftaudit.memory.checkpointing import check_checkpointing
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
@@ -54,12 +57,22 @@ from peftaudit.memory.tracing.run import TraceResult, run_trace
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from peftaudit.progress import Progress
 
-def trace(model: torch.nn.Module, plan: TrainingPlan | None = None, *, steps: int = 2) -> MemoryEstimate:
+
+def trace(
+    model: torch.nn.Module,
+    plan: TrainingPlan | None = None,
+    *,
+    steps: int = 2,
+    progress: Progress | None = None,
+) -> MemoryEstimate:
     """Run ``steps`` training steps of ``model`` under ``plan`` on fake tensors; return the peak.
 
     ``model`` is a transformers model on the meta device (``source.build(...)``);
     it is modified in place (peft wraps it), so pass a fresh skeleton.
+    ``progress(done, total)`` is told how many of the traced micro-batches are done
+    (steps x gradient accumulation; one without training), from ``0`` to ``total``.
     """
     plan = plan or TrainingPlan()
     plan.validate()
@@ -84,10 +97,18 @@ def trace(model: torch.nn.Module, plan: TrainingPlan | None = None, *, steps: in
         )
         plan = plan.with_(attention="eager")
     watched = [(str(i), layer) for i, layer in enumerate(decoder_layers(model))]
-    result = run_trace(model, plan, layers=watched, lengths=lengths)
+    # The skeleton's preparation (peft, fake storages) comes before the first micro-batch: shown as 0 done.
+    total = len(lengths) * plan.gradient_accumulation if plan.training else 1
+    if progress is not None:
+        progress(0, total)
+    result = run_trace(model, plan, layers=watched, lengths=lengths, on_step=_steps_done(progress, total))
+    if progress is not None:
+        progress(total, total)
     components = dict(result.components)
     allocated = sum(components.values())
-    overheads = _replayed(result, plan, allocated)
+    overheads, note = _replayed(result, plan, allocated, lengths)
+    if note is not None:
+        notes.append(note)
     components["cuda_context"] = int(plan.cuda_context_bytes)
     components["allocator_margin"] = overheads.capacity
     ordered = {k: int(components.get(k, 0)) for k in COMPONENTS}
@@ -109,17 +130,53 @@ def trace(model: torch.nn.Module, plan: TrainingPlan | None = None, *, steps: in
     )
 
 
-def _replayed(result: TraceResult, plan: TrainingPlan, allocated: int) -> Overheads:
+def _steps_done(progress: Progress | None, total: int) -> Callable[[], None] | None:
+    """``run_trace``'s ``on_step``, as ``progress``: when a micro-batch begins, those before it are done."""
+    if progress is None:
+        return None
+    begun = 0
+
+    def began() -> None:
+        nonlocal begun
+        if begun:
+            progress(begun, total)
+        begun += 1
+
+    return began
+
+
+def _replayed(
+    result: TraceResult, plan: TrainingPlan, allocated: int, lengths: tuple[int, ...]
+) -> tuple[Overheads, PlanWarning | None]:
     """The traced step's allocations replayed through the caching-allocator model (a flat
-    ``plan.allocator_fraction`` instead, when the plan gives one)."""
+    ``plan.allocator_fraction`` instead, when the plan gives one), and a note when the replay
+    is not the one the plan asks for.
+
+    With ``--lengths varied`` the reserve is that of a long run made from the traced steps
+    (:func:`~peftaudit.memory.allocator.lengths.reserved_over_run`); the least capacity stays
+    the traced steps' own, as under a limit the allocator frees what it cached before it fails
+    (``benchmarks/results/allocator_factors.md`` compares the two). With expandable segments a
+    long run reserves what the four steps do, so it is not made.
+    """
     given = reserve.flat(plan, allocated)
     if given is not None:
-        return given
+        return given, None
     assert result.events is not None  # trace() always watches the layers, which logs the events
     found = smallest_capacity(allocation_events(result.events), expandable_segments=plan.expandable_segments)
+    peak, note = found.plentiful.peak_reserved, None
+    if plan.lengths == "varied" and not plan.expandable_segments:
+        run = reserved_over_run(result.events, lengths, plan.seq_len, accumulation=plan.gradient_accumulation)
+        if run is None:
+            note = PlanWarning(
+                "lengths-not-extended",
+                "the traced steps do not run the same program at every length (a mask made only past a "
+                "sliding window, say): reserved memory is that of the four traced steps, less than a "
+                "long run of varying lengths holds",
+            )
+        peak = run or peak
     # Block rounding makes the replay's allocated peak a little above the tensors' own.
-    reserved = max(0, found.plentiful.peak_reserved - allocated)
-    return Overheads(reserved, min(reserved, max(0, found.bytes - allocated)), "replay")
+    reserved = max(0, peak - allocated)
+    return Overheads(reserved, min(reserved, max(0, found.bytes - allocated)), "replay"), note
 
 
 __all__ = ["TraceResult", "run_trace", "trace"]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftaudit.memory.allocator.lengths import STEP_MARK
 from peftaudit.memory.plan import TrainingPlan
 from peftaudit.memory.tracing.autocast import AUTOCAST, autocast_mode
 from peftaudit.memory.tracing.inputs import placeholder_checks_off, step_inputs
@@ -42,6 +43,7 @@ def run_trace(
     loss_fn: Callable[[Any], Any] | None = None,
     layers: Sequence[tuple[str, Any]] | None = None,
     lengths: Sequence[int] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TraceResult:
     """The trace itself (see :func:`trace`), returning the raw result.
 
@@ -56,11 +58,13 @@ def run_trace(
 
     ``lengths``: the sequence length of each step, for batches of varying length (one step per
     entry, ``steps`` is then ignored); by default every step is ``plan.seq_len`` long.
+
+    ``on_step()`` is called as each micro-batch's forward pass begins (progress, :mod:`peftaudit.progress`).
     """
 
     started = time.perf_counter()
     with _quiet():
-        return _run(model, plan, steps, started, loss_fn, layers, tuple(lengths or ()))
+        return _run(model, plan, steps, started, loss_fn, layers, tuple(lengths or ()), on_step)
 
 
 def _run(
@@ -71,6 +75,7 @@ def _run(
     loss_fn: Callable[[Any], Any] | None = None,
     watched: Sequence[tuple[str, Any]] | None = None,
     lengths: tuple[int, ...] = (),
+    on_step: Callable[[], None] | None = None,
 ) -> TraceResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -118,7 +123,12 @@ def _run(
         optimizer, step = (None, None) if not plan.training else optimizer_for(plan, params)
         with dispatch_mode(tracker, param_storages), autocast_mode():
             for length in lengths if plan.training else lengths[:1]:
+                # Where each optimizer step begins, its batches' token ids included: what
+                # allocator/lengths.py cuts the log at to repeat steps at other lengths.
+                tracker.mark(STEP_MARK)
                 for _micro in range(plan.gradient_accumulation if plan.training else 1):
+                    if on_step is not None:
+                        on_step()
                     inputs = makers[length]() if loss_fn is None else {}
                     tracker.phase, tracker.category = "forward", "activations"
                     tracker.mark("forward")

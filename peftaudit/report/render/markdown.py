@@ -62,6 +62,10 @@ class MarkdownRenderer:
         lines.append(f"| **Total** | | **{count(p.weights)}** | **{count(p.biases)}** | |")
         if options.tree and report.tree is not None:
             lines += ["", "```", *_tree_lines(report.tree, 0), "```"]
+        if report.glance is not None:
+            from peftaudit.report.render.glance import glance_markdown
+
+            lines += glance_markdown(report.glance)
         if report.estimates:
             from peftaudit.memory.render import estimates_markdown
 

@@ -43,6 +43,10 @@ class TerminalRenderer:
         _kinds(console, report)
         if options.tree and report.tree is not None:
             console.print(_tree(report.tree))
+        if report.glance is not None:
+            from peftaudit.report.render.glance import render_glance
+
+            render_glance(report.glance, console)
         if report.estimates:
             from peftaudit.memory.render import render_estimates
 
