@@ -6,7 +6,9 @@ fine-tuning; checkpointing on and off; fixed and varied batch lengths; three tok
 1. trace the training steps on fake tensors with every allocation and free logged
    (``run_trace(..., layers=...)``, two steps, or the four of ``--lengths varied``);
 2. replay the log through the caching-allocator model (:mod:`peftaudit.memory.allocator`),
-   with and without ``expandable_segments``: the peak reserved with memory to spare, and the
+   with and without ``expandable_segments``: the peak reserved with memory to spare (for varied
+   lengths without expandable segments, that of a long run made from the four steps:
+   :func:`peftaudit.memory.allocator.lengths.reserved_over_run`, as the trace does), and the
    smallest capacity the steps run in (bisection, free-and-retry included);
 3. fit, per plan shape (:func:`peftaudit.memory.allocator.reserve.plan_shape`), each overhead
    (reserved minus allocated; capacity minus allocated) as a non-negative combination of the
@@ -81,12 +83,10 @@ def catalog_config(model_id: str) -> dict[str, Any]:
     return dict(entry.config)
 
 
-def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
-    """Trace ``plan`` on ``model_id`` cut to ``depth`` layers and replay it both ways."""
+def trace_case(model_id: str, depth: int | None, plan: Any) -> tuple[Any, float]:
+    """Trace ``plan``'s steps on ``model_id`` cut to ``depth`` layers, every allocation logged; and its seconds."""
     from memory_models import build, reduced_config
 
-    from peftaudit.memory.allocator import allocation_events, smallest_capacity
-    from peftaudit.memory.allocator.lengths import reserved_over_run
     from peftaudit.memory.allocator.reserve import step_lengths
     from peftaudit.memory.tracing.model import decoder_layers
     from peftaudit.memory.tracing.run import run_trace
@@ -99,6 +99,22 @@ def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         traced = run_trace(model, plan, layers=watched, lengths=step_lengths(plan))
     assert traced.events is not None
+    return traced, time.perf_counter() - started
+
+
+def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
+    """Trace ``plan`` on ``model_id`` cut to ``depth`` layers and replay it both ways."""
+    traced, seconds = trace_case(model_id, depth, plan)
+    return replay_traced(model_id, depth, plan, traced, seconds)
+
+
+def replay_traced(model_id: str, depth: int | None, plan: Any, traced: Any, trace_s: float) -> dict[str, Any]:
+    """:func:`trace_case`'s trace replayed with and without expandable segments: the row the fit reads."""
+    from peftaudit.memory.allocator import allocation_events, smallest_capacity
+    from peftaudit.memory.allocator.lengths import reserved_over_run
+    from peftaudit.memory.allocator.reserve import step_lengths
+
+    started = time.perf_counter()
     events = allocation_events(traced.events)
     row: dict[str, Any] = {
         "model": model_id,
@@ -110,7 +126,7 @@ def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
         "lengths": plan.lengths,
         "components": dict(traced.components),
         "saved": sum(traced.activations_per_layer),
-        "trace_s": round(time.perf_counter() - started, 1),
+        "trace_s": round(trace_s, 1),
     }
     for expandable in (False, True):
         found = smallest_capacity(events, expandable_segments=expandable)
@@ -125,7 +141,7 @@ def replay_case(model_id: str, depth: int | None, plan: Any) -> dict[str, Any]:
             "reserved": reserved,
             "capacity": found.bytes,
         }
-    row["replay_s"] = round(time.perf_counter() - started - row["trace_s"], 1)
+    row["replay_s"] = round(time.perf_counter() - started, 1)
     return row
 
 
@@ -273,7 +289,8 @@ def check() -> None:
     long_runs: list[str] = []
     for model_id, depth, method, batch, seq, checkpointing, lengths in CHECKS:
         plan = plan_for(method, batch, seq, checkpointing, lengths)
-        row = replay_case(model_id, depth, plan)
+        traced, seconds = trace_case(model_id, depth, plan)
+        row = replay_traced(model_id, depth, plan, traced, seconds)
         got = row["segments"]
         overheads = learned(plan, row["components"], [row["saved"]])
         figures = {
@@ -290,7 +307,7 @@ def check() -> None:
             flush=True,
         )
         if lengths == "varied":
-            run = long_run_capacity(model_id, depth, plan)
+            run = long_run_capacity(traced, plan)
             long_runs.append(
                 f"| {model_id} | {depth or 'all'} | {label} | {got['capacity'] / GIB:.2f} GiB | {run / GIB:.2f} GiB |"
             )
@@ -303,23 +320,12 @@ def check() -> None:
     print("\n".join(long_runs))
 
 
-def long_run_capacity(model_id: str, depth: int | None, plan: Any) -> int:
+def long_run_capacity(traced: Any, plan: Any) -> int:
     """The least capacity of a :data:`CAPACITY_RUN`-step run made from ``plan``'s traced steps."""
-    from memory_models import build, reduced_config
-
     from peftaudit.memory.allocator import smallest_capacity
     from peftaudit.memory.allocator.lengths import long_run, run_lengths
     from peftaudit.memory.allocator.reserve import step_lengths
-    from peftaudit.memory.tracing.model import decoder_layers
-    from peftaudit.memory.tracing.run import run_trace
 
-    config = catalog_config(model_id)
-    model = build(reduced_config(config, depth) if depth else config)
-    watched = [(str(i), layer) for i, layer in enumerate(decoder_layers(model))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = run_trace(model, plan, layers=watched, lengths=step_lengths(plan))
-    assert traced.events is not None
     events = long_run(traced.events, step_lengths(plan), run_lengths(plan.seq_len, CAPACITY_RUN))
     assert events is not None
     return smallest_capacity(events).bytes

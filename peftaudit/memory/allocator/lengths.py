@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from peftaudit.memory.allocator.replay import Event, marked_events, replay
+
 if TYPE_CHECKING:  # pragma: no cover
-    from peftaudit.memory.allocator.replay import Event
     from peftaudit.memory.tracing.tracker import EventLog
 
 #: The mark ``tracing/run.py`` writes where each optimizer step begins (its token ids included).
@@ -53,13 +54,11 @@ class _Op:
     index: int
     """An allocation's number within its step; for a free, the number of what it frees."""
     age: int = 0
-    """For a free: 0 frees what this step allocated, 1 what the step before it did, and so on."""
+    """For a free: 0 frees what this step allocated, 1 what the step before it did."""
 
 
 def step_blocks(log: EventLog) -> list[list[Event]]:
     """The log's allocation events cut at its step marks: block 0 is what came before the first step."""
-    from peftaudit.memory.allocator.replay import marked_events
-
     blocks: list[list[Event]] = [[]]
     for item in marked_events(log):
         if isinstance(item, str):
@@ -94,59 +93,86 @@ def long_run(log: EventLog, traced: Sequence[int], run: Sequence[int]) -> list[E
     ``None`` when the trace cannot be extended: too few or too alike steps, or steps that do not
     run the same program (a model whose work depends on the data).
     """
-    blocks = step_blocks(log)
-    if len(blocks) != len(traced) + 1 or len(traced) < 4:
-        return None
-    a, b, c = blocks[-3:]
-    xs = (traced[-3], traced[-2], traced[-1])
-    # The last step's block ends with the trace's final frees (its optimizer states, say): compared without them.
-    c = c[: len(b)]
-    program = _program(b, [a])
-    if len(set(xs)) != 3 or len(a) != len(b) or program is None or _program(c, [b]) != program:
-        return None
-    if any(op.age > 1 for op in program):
-        return None  # frees what a step before the previous one allocated: not seen in a trace yet
-    # The second step frees into the first, whose allocations are numbered differently (it also
-    # allocates the optimizer states): where each of the program's frees of the step before lands there.
-    second = _program(blocks[2], [blocks[1]])
-    if second is None or len(second) != len(program):
-        return None
-    into_first: dict[int, int] = {}
-    for mine, theirs in zip(program, second, strict=True):
-        if (mine.alloc, mine.age) != (theirs.alloc, theirs.age) or (mine.age == 0 and mine != theirs):
+    template = _Template.of(log, traced)
+    return None if template is None else template.run(run)
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What every step after the first allocates and frees, with each allocation's size as a
+    function of the length: made once from a trace, run at any lengths."""
+
+    head: tuple[Event, ...]
+    """What came before the first step, and the first step, as traced."""
+    program: tuple[_Op, ...]
+    sizes: tuple[_Quadratic, ...]
+    """Per op of the program (an allocation's size; a free's is its allocation's)."""
+    first: tuple[Event, ...]
+    """By the program's allocation number: the first step's buffer a second step frees there
+    (``(0, 0)`` where it frees none)."""
+
+    @classmethod
+    def of(cls, log: EventLog, traced: Sequence[int]) -> _Template | None:
+        blocks = step_blocks(log)
+        if len(blocks) != len(traced) + 1 or len(traced) < 4:
             return None
-        if mine.age == 1:
-            into_first[mine.index] = theirs.index
-    sizes = [_Quadratic.through(xs, (abs(x[1]), abs(y[1]), abs(z[1]))) for x, y, z in zip(a, b, c, strict=True)]
-    events = blocks[0] + blocks[1]
-    first = _allocated(blocks[1])
-    before = [first[into_first[i]] if i in into_first else (0, 0) for i in range(sum(op.alloc for op in program))]
-    next_key = 1 + max((k for k, _ in events), default=0)
-    for length in run:
-        keys: list[int] = []
-        mine_sizes: list[int] = []  # by allocation number: its size at this length (0: not allocated)
-        for op, size in zip(program, sizes, strict=True):
-            if op.alloc:
-                n = max(0, round(size(length)))
-                keys.append(next_key)
-                mine_sizes.append(n)
+        a, b, c = blocks[-3:]
+        xs = (traced[-3], traced[-2], traced[-1])
+        # The last step's block ends with the trace's final frees (its optimizer states, say): compared without them.
+        c = c[: len(b)]
+        program = _program(b, a)
+        if len(set(xs)) != 3 or len(a) != len(b) or program is None or _program(c, b) != program:
+            return None
+        # The second step frees into the first, whose allocations are numbered differently (it also
+        # allocates the optimizer states): where each of the program's frees of the step before lands there.
+        second = _program(blocks[2], blocks[1])
+        if second is None or len(second) != len(program):
+            return None
+        into_first: dict[int, int] = {}
+        for mine, theirs in zip(program, second, strict=True):
+            if (mine.alloc, mine.age) != (theirs.alloc, theirs.age) or (mine.age == 0 and mine != theirs):
+                return None
+            if mine.age == 1:
+                into_first[mine.index] = theirs.index
+        first = [(key, n) for key, n in blocks[1] if n > 0]
+        allocations = sum(op.alloc for op in program)
+        return cls(
+            head=tuple(blocks[0] + blocks[1]),
+            program=tuple(program),
+            sizes=tuple(
+                _Quadratic.through(xs, (abs(x[1]), abs(y[1]), abs(z[1]))) for x, y, z in zip(a, b, c, strict=True)
+            ),
+            first=tuple(first[into_first[i]] if i in into_first else (0, 0) for i in range(allocations)),
+        )
+
+    def run(self, lengths: Sequence[int]) -> list[Event]:
+        """The head, then one step at each of ``lengths``."""
+        events = list(self.head)
+        before: Sequence[Event] = self.first
+        next_key = 1 + max((k for k, _ in events), default=0)
+        for length in lengths:
+            keys: list[int] = []
+            mine: list[int] = []  # by allocation number: its size at this length (0: not allocated)
+            for op, size in zip(self.program, self.sizes, strict=True):
+                if op.alloc:
+                    n = max(0, round(size(length)))
+                    keys.append(next_key)
+                    mine.append(n)
+                    if n:
+                        events.append((next_key, n))
+                    next_key += 1
+                    continue
+                key, n = (keys[op.index], mine[op.index]) if op.age == 0 else before[op.index]
                 if n:
-                    events.append((next_key, n))
-                next_key += 1
-                continue
-            key, n = (keys[op.index], mine_sizes[op.index]) if op.age == 0 else before[op.index]
-            if n:
-                events.append((key, -n))
-        before = list(zip(keys, mine_sizes, strict=True))
-    return events
+                    events.append((key, -n))
+            before = list(zip(keys, mine, strict=True))
+        return events
 
 
-def _program(block: list[Event], before: list[list[Event]]) -> list[_Op] | None:
-    """The block as allocation numbers and ages; ``None`` if it frees what it cannot place."""
-    owners: dict[int, tuple[int, int]] = {}  # key -> (age, number)
-    for age, earlier in enumerate(reversed(before), start=1):
-        for number, (key, _n) in enumerate(e for e in earlier if e[1] > 0):
-            owners.setdefault(key, (age, number))
+def _program(block: list[Event], previous: list[Event]) -> list[_Op] | None:
+    """The block as allocation numbers and ages; ``None`` if it frees what neither it nor the
+    step before it allocated (not a repeated step)."""
+    owners = {key: (1, number) for number, (key, _n) in enumerate(e for e in previous if e[1] > 0)}
     ops: list[_Op] = []
     count = 0
     for key, size in block:
@@ -157,19 +183,9 @@ def _program(block: list[Event], before: list[list[Event]]) -> list[_Op] | None:
         else:
             found = owners.get(key)
             if found is None:
-                return None  # frees something older than the steps compared: not a repeated step
+                return None
             ops.append(_Op(False, found[1], found[0]))
     return ops
-
-
-def _same_older(op: _Op) -> tuple[bool, int, int]:
-    """An op compared between steps whose previous steps differ: what an earlier step's free
-    points at is numbered in that earlier step, so only that it reaches back is compared."""
-    return (op.alloc, op.index if op.age == 0 else -1, op.age)
-
-
-def _allocated(block: list[Event]) -> list[tuple[int, int]]:
-    return [(key, n) for key, n in block if n > 0]
 
 
 @dataclass(frozen=True)
@@ -207,13 +223,14 @@ def reserved_over_run(
     ``RUN_STEPS // accumulation`` steps, so its cost stays that of :data:`RUN_STEPS` micro-batches.
     ``None`` when the trace cannot be extended (:func:`long_run`).
     """
-    from peftaudit.memory.allocator.replay import replay
-
+    template = _Template.of(log, traced)
+    if template is None:
+        return None
     steps = max(1, RUN_STEPS // max(1, accumulation))
-    peaks = []
-    for seed in SEEDS:
-        events = long_run(log, traced, run_lengths(seq_len, steps, seed=seed))
-        if events is None:
-            return None
-        peaks.append(replay(events, expandable_segments=expandable_segments).peak_reserved)
-    return sorted(peaks)[len(peaks) // 2]
+    peaks = sorted(
+        replay(
+            template.run(run_lengths(seq_len, steps, seed=seed)), expandable_segments=expandable_segments
+        ).peak_reserved
+        for seed in SEEDS
+    )
+    return peaks[len(peaks) // 2]
