@@ -2,6 +2,6 @@
 
 import sys
 
-from peftaudit.cli import main
+from peftaudit.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

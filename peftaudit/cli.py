@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console_main() -> int:
+    """The ``peftaudit`` console script and ``python -m peftaudit``: :func:`main` in a process of its own."""
+    from peftaudit.sources.load import one_shot_process
+
+    one_shot_process()
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
     parser = build_parser()
@@ -93,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(failed) from None
         raise
     # Libraries we import log their own set-up chatter (bitsandbytes' CPU kernels, say) to stderr.
-    for name in ("bitsandbytes", "diffusers", "accelerate"):
+    for name in ("bitsandbytes", "diffusers", "accelerate", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.command is None:
         try:

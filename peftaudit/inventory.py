@@ -164,6 +164,11 @@ class Inventory:
     (:mod:`peftaudit.memory.keep_fp32`)."""
     keep_in_fp32_strict: tuple[str, ...] = ()
     """The model's ``_keep_in_fp32_modules_strict``: float32 in fp16 and bf16 loads."""
+    supports_gradient_checkpointing: bool | None = field(default=None, compare=False)
+    """Whether transformers lets this model class checkpoint its layers (``False``: ConvNeXt), as
+    :func:`peftaudit.sources.load.load_resolved` found at build time, so a model read back from the
+    model cache is judged without importing transformers; ``None`` (an inventory of a live module, one
+    made by hand) looks the class up by name (:func:`peftaudit.memory.checkpointing.check_checkpointing`)."""
 
     @property
     def total(self) -> int:
@@ -210,6 +215,53 @@ class Inventory:
             if m.path == path:
                 return m
         return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the inventory holds as JSON-ready data (:meth:`from_dict` reads it back equal).
+
+        What the model cache stores (:mod:`peftaudit.cache`): the records' fields as they are (JSON
+        writes tuples as lists and roles as their text); ``config`` and ``quantization_config`` as given.
+        """
+        return {
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "parameters": [dict(vars(p)) for p in self.parameters],
+            "buffers": [dict(vars(b)) for b in self.buffers],
+            "modules": [dict(vars(m)) for m in self.modules],
+            "tied_groups": [dict(vars(g)) for g in self.tied_groups],
+            "dims": dict(vars(self.dims)),
+            "moe": dict(vars(self.moe)) if self.moe is not None else None,
+            "output_head": self.output_head,
+            "quantization_config": self.quantization_config,
+            "config": dict(self.config) if self.config is not None else None,
+            "keep_in_fp32": list(self.keep_in_fp32),
+            "keep_in_fp32_strict": list(self.keep_in_fp32_strict),
+            "supports_gradient_checkpointing": self.supports_gradient_checkpointing,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Inventory:
+        """The inventory :meth:`to_dict` wrote (raises ``KeyError``/``TypeError`` on anything else)."""
+        moe = data["moe"]
+        return cls(
+            architecture=data["architecture"],
+            model_type=data["model_type"],
+            parameters=tuple(
+                ParameterRecord(**{**p, "shape": tuple(p["shape"]), "tied_with": tuple(p["tied_with"])})
+                for p in data["parameters"]
+            ),
+            buffers=tuple(BufferRecord(**{**b, "shape": tuple(b["shape"])}) for b in data["buffers"]),
+            modules=tuple(ModuleRecord(**{**m, "role": _role(m["role"])}) for m in data["modules"]),
+            tied_groups=tuple(TiedGroup(names=tuple(g["names"]), numel=g["numel"]) for g in data["tied_groups"]),
+            dims=ModelDims(**data["dims"]),
+            moe=MoeInfo(**moe) if moe is not None else None,
+            output_head=data["output_head"],
+            quantization_config=data["quantization_config"],
+            config=data["config"],
+            keep_in_fp32=tuple(data["keep_in_fp32"]),
+            keep_in_fp32_strict=tuple(data["keep_in_fp32_strict"]),
+            supports_gradient_checkpointing=data["supports_gradient_checkpointing"],
+        )
 
 
 def take_inventory(
@@ -315,6 +367,14 @@ def take_inventory(
 
 
 # --- helpers -----------------------------------------------------------------
+
+
+_ROLES = {role.value: role for role in ModuleRole}
+
+
+def _role(value: str | None) -> str | None:
+    """A module role read back from JSON: the :class:`ModuleRole` it was (a plugin's own text stays text)."""
+    return None if value is None else _ROLES.get(value, value)
 
 
 def _config_dict(model: Any) -> dict[str, Any]:

@@ -183,6 +183,46 @@ def gpus() -> tuple[GPU, ...]:
     return registered("peftaudit_register_gpus")
 
 
+#: The hooks whose contributions change what is cached about a model (its inventory, through the sources
+#: and rules) or its report (the memory table at a glance and the recommendation: methods, checks, GPUs).
+FINGERPRINTED_HOOKS: frozenset[str] = frozenset(
+    {
+        "peftaudit_register_sources",
+        "peftaudit_register_architecture_rules",
+        "peftaudit_register_methods",
+        "peftaudit_register_checks",
+        "peftaudit_register_gpus",
+    }
+)
+
+
+@collection
+def fingerprint() -> str:
+    """A short stable hash of what the registered plugins contribute to cached models and reports.
+
+    The architecture rules in full (data, and in order, since the first match wins), and for every
+    plugin that is not built in and registers sources, rules, methods, checks or GPUs, its name and
+    version (its distribution's, else its module's ``__version__``). :mod:`peftaudit.cache` puts it
+    in its keys, so installing, removing or upgrading such a plugin is a miss. A plugin registered at
+    run time without a version is known by its name only: changing its methods under the same name
+    is not noticed (clear the cache, or pass ``--no-cache``).
+    """
+    import hashlib
+
+    pm = get_plugin_manager()
+    versions = {id(p): f"{dist.project_name} {dist.version}" for p, dist in pm.list_plugin_distinfo()}
+    contributors = []
+    for name, plugin in pm.list_name_plugin():
+        if name in DEFAULT_PLUGINS:
+            continue
+        hooks = {h.name for h in pm.get_hookcallers(plugin) or []}
+        if hooks & FINGERPRINTED_HOOKS:
+            version = versions.get(id(plugin)) or str(getattr(plugin, "__version__", ""))
+            contributors.append(f"{name}={version}")
+    payload = repr(architecture_rules()) + "\n" + "\n".join(sorted(contributors))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 # --- commands ---------------------------------------------------------------------------------------
 
 

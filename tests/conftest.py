@@ -37,3 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
         folder = tempfile.mkdtemp(prefix="peftaudit-profiles-")
         os.environ["PEFTAUDIT_PROFILE_DIR"] = folder
         config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        # Likewise one cache of reports and built models: never the user's ~/.cache.
+        reports = tempfile.mkdtemp(prefix="peftaudit-cache-")
+        os.environ["PEFTAUDIT_CACHE_DIR"] = reports
+        config.add_cleanup(lambda: shutil.rmtree(reports, ignore_errors=True))

@@ -58,10 +58,10 @@ COMMANDS: dict[str, list[str]] = {
 FORMATS: dict[str, tuple[str, ...]] = {
     "report": ("table", "markdown", "json"),
     "report-params-only": ("table", "markdown"),
-    "report-8b": ("table",),
+    "report-8b": ("table", "markdown", "json", "html"),
     "report-tree": ("table", "markdown"),
     "findings": ("table", "markdown", "json"),
-    "memory": ("table", "markdown", "json"),
+    "memory": ("table", "markdown", "json", "html"),
     "memory-one": ("table", "json"),
     "recommend": ("table", "markdown", "json"),
     "gpus": ("table", "json"),
@@ -73,7 +73,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "verify-failing": ("table", "json"),
 }
 
-SUFFIX = {"table": "txt", "markdown": "md", "json": "json"}
+SUFFIX = {"table": "txt", "markdown": "md", "json": "json", "html": "html"}
 
 CASES = [(name, fmt) for name, formats in FORMATS.items() for fmt in formats]
 
@@ -96,6 +96,7 @@ def test_output_matches_golden(name: str, fmt: str, tmp_path: Path, capsys: pyte
     assert code == (1 if name == "verify-failing" else 0), out
     version = f'"peftaudit_version": "{__version__}"'
     out = out.replace(str(tmp_path), "<tmp>").replace(version, '"peftaudit_version": "<version>"')
+    out = out.replace(f"peftaudit {__version__}", "peftaudit <version>")  # the HTML page's generator and footer
     assert out.strip(), f"{name} printed nothing"
     assert_matches_golden(out, f"cli/{name}.{SUFFIX[fmt]}")
 

@@ -117,6 +117,9 @@ def test_the_recommendation_is_recommends(llama_8b: tuple[LoadedModel, MemoryGla
     summary = recommendation_summary(loaded.inventory, loaded.facts, LLAMA_8B)
     rec = recommend(loaded.inventory, loaded.facts)
     assert summary.command == f"peftaudit recommend {LLAMA_8B}"
+    # The report's line leaves out the alternatives (presets, ranks): the rest is the full recommendation's.
+    assert rec.presets and rec.ranks
+    assert summary == glance_module.summarize(rec, summary.command)
     assert (summary.method, summary.preset, summary.rank, summary.alpha) == (
         rec.recipe.method,
         rec.preset,

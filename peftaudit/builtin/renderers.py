@@ -1,4 +1,4 @@
-"""Built-in output formats: table (terminal), json, markdown."""
+"""Built-in output formats: table (terminal), json, markdown, html."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @hookimpl
 def peftaudit_register_renderers(register: Callable[[Renderer], None]) -> None:
+    from peftaudit.report.render.html import HtmlRenderer
     from peftaudit.report.render.json import JsonRenderer
     from peftaudit.report.render.markdown import MarkdownRenderer
     from peftaudit.report.render.terminal import TerminalRenderer
@@ -20,3 +21,4 @@ def peftaudit_register_renderers(register: Callable[[Renderer], None]) -> None:
     register(TerminalRenderer())
     register(JsonRenderer())
     register(MarkdownRenderer())
+    register(HtmlRenderer())

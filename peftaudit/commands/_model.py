@@ -15,7 +15,7 @@ MODEL_HELP = (
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """MODEL plus ``--online``, ``--revision``, ``--token``, ``--trust-remote-code``."""
+    """MODEL plus ``--online``, ``--revision``, ``--token``, ``--trust-remote-code``, ``--no-cache``."""
     parser.add_argument("model", metavar="MODEL", nargs=None if required else "?", help=MODEL_HELP)
     source = parser.add_argument_group("model source")
     source.add_argument("--online", action="store_true", help="fetch the hub's current config even for catalog models")
@@ -25,6 +25,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
         "--trust-remote-code",
         action="store_true",
         help="allow running the model repository's own Python code (off by default)",
+    )
+    source.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="build the model afresh: neither read nor write the report and model caches (as PEFTAUDIT_NO_CACHE=1)",
     )
 
 
@@ -49,7 +54,13 @@ def resolve_model(args: argparse.Namespace) -> tuple[ResolvedModel, ModelSource,
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
-    """Resolve MODEL, build it on the meta device and walk it (:func:`peftaudit.sources.load`)."""
+    """Resolve MODEL, build it on the meta device and walk it (:func:`peftaudit.sources.load`),
+    or read it from the model cache when it was built before (unless ``--no-cache``)."""
     from peftaudit.sources.load import load_resolved
 
-    return load_resolved(*resolve_model(args))
+    return load_resolved(*resolve_model(args), use_cache=use_cache(args))
+
+
+def use_cache(args: argparse.Namespace) -> bool:
+    """Whether the command may read and write the caches (``--no-cache`` says not)."""
+    return not getattr(args, "no_cache", False)

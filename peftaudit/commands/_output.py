@@ -11,15 +11,16 @@ import sys
 from peftaudit.errors import PeftauditError
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--format``, ``--json``, ``--output`` and ``--width``, the same on every command."""
+def add_output_arguments(parser: argparse.ArgumentParser, formats: str = "table (default), json, markdown") -> None:
+    """``--format``, ``--json``, ``--output`` and ``--width``, the same on every command (``formats``: the
+    built-in formats its help names)."""
     group = parser.add_argument_group("output")
     group.add_argument(
         "--format",
         "-f",
         default=None,
         metavar="NAME",
-        help="output format: table (default), json, markdown, or one a plugin adds",
+        help=f"output format: {formats}, or one a plugin adds",
     )
     group.add_argument("--json", action="store_const", const="json", dest="format", help="same as --format json")
     group.add_argument(

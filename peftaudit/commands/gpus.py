@@ -46,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     fmt = table_or_json(args, "gpus")
     gpus = selected_gpus(args.gpu)
-    out, buffer = render.console(width(args), use_color(args))
     if args.model is None:
         if fmt == "json":
             emit(dumps([g.to_dict() for g in gpus]) + "\n", args)
         else:
+            out, buffer = render.console(width(args), use_color(args))
             render.catalog_table(gpus, out)
             emit(buffer.getvalue(), args)
         return ExitCode.OK
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         }
         emit(dumps(data) + "\n", args)
         return ExitCode.OK
+    out, buffer = render.console(width(args), use_color(args))  # rich: for tables only
     out.print(model.resolved.id, markup=False)
     line = render.plan_lines(plans, out)
     labels = [f"{p.method} ({rest})" if rest else p.method for p, rest in zip(plans, line.rest, strict=True)]

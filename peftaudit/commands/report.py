@@ -26,12 +26,12 @@ def add_parser(sub: Any) -> None:
             "its parameters: totals, per layer, per kind, tied groups, MoE active parameters; then "
             "training memory at a glance (full fine-tuning, LoRA and QLoRA at the default plan, with and "
             "without gradient checkpointing, on 24, 48 and 80 GB GPUs) and the recommended LoRA in one line. "
-            "--params-only shows the counts alone; --method/--compare show detailed estimates instead."
+            "--params-only shows the counts alone; --method/--compare show detailed estimates instead. "
+            "--format html -o FILE writes the report as one self-contained page to share (no scripts, "
+            "nothing fetched; readable on a phone)."
         ),
     )
-    add_model_arguments(parser)
-    source = parser.add_argument_group("caching")
-    source.add_argument("--no-cache", action="store_true", help="rebuild the report instead of reusing a cached one")
+    add_model_arguments(parser)  # with --no-cache
     shown = parser.add_argument_group("what to show")
     shown.add_argument("--tree", action="store_true", help="also show the module tree with counts")
     shown.add_argument(
@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> None:
     )
     add_check_arguments(parser)
     memory_cli.add_arguments(parser)
-    add_output_arguments(parser)
+    add_output_arguments(parser, formats="table (default), json, markdown, html (one self-contained page)")
     parser.set_defaults(run=run)
 
 
@@ -91,7 +91,8 @@ def _report_and_findings(
         return report_for(resolved, source, options, use_cache=use_cache, glance=glance), ()
     from peftaudit.sources.load import load_resolved
 
-    loaded = load_resolved(resolved, source, options)  # one meta build for the report, estimates and checks
+    # One meta build (or model cache entry) for the report, estimates and checks.
+    loaded = load_resolved(resolved, source, options, use_cache=use_cache)
     report = report_for(resolved, source, options, use_cache=use_cache, loaded=loaded, glance=glance)
     estimates: list[Any] = []
     if plans:

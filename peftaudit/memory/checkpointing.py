@@ -16,22 +16,42 @@ from typing import Any
 from peftaudit.memory.plan import PlanError, TrainingPlan
 
 
-def check_checkpointing(model: type | str, plan: TrainingPlan) -> None:
+def check_checkpointing(model: type | str, plan: TrainingPlan, *, supported: bool | None = None) -> None:
     """Raise :class:`PlanError` when ``plan`` checkpoints a model transformers cannot checkpoint.
 
     ``model``: the model's class, or its class name (looked up in transformers only when the plan
     checkpoints; a name transformers does not have, such as remote code, is not refused here).
+    ``supported``: the answer already known (:func:`supports_checkpointing` at build time, kept on the
+    inventory), so a model read from the model cache is judged without importing transformers.
     """
     if not (plan.gradient_checkpointing and plan.training):
         return
+    if supported is not None:
+        if not supported:
+            raise PlanError(_refusal(model if isinstance(model, str) else model.__name__))
+        return
     cls = _transformers_class(model) if isinstance(model, str) else model
+    if cls is not None and not _class_supports(cls):
+        raise PlanError(_refusal(cls.__name__))
+
+
+def supports_checkpointing(name: str) -> bool:
+    """Whether :func:`check_checkpointing` lets a checkpointing plan through for the class named ``name``.
+
+    Imports transformers: called where the model was just built, which imported it already.
+    """
+    cls = _transformers_class(name)
+    return cls is None or _class_supports(cls)
+
+
+def _class_supports(cls: type) -> bool:
     # transformers' own test (PreTrainedModel._activation_checkpointing_enable); classes that are not
     # transformers models (a peft wrapper) have no such attribute and are not refused.
-    if cls is not None and getattr(cls, "supports_gradient_checkpointing", True) is False:
-        raise PlanError(
-            f"{cls.__name__} does not support activation checkpointing in transformers: "
-            "train it without gradient checkpointing"
-        )
+    return getattr(cls, "supports_gradient_checkpointing", True) is not False
+
+
+def _refusal(name: str) -> str:
+    return f"{name} does not support activation checkpointing in transformers: train it without gradient checkpointing"
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Showing estimates: a rich table of components, a terminal bar chart, and Markdown.
+"""Showing estimates: a rich table of components, a terminal bar chart, Markdown, and the table's cells
+(:func:`estimate_table`) for the HTML report.
 
 These functions read finished :class:`~peftaudit.memory.result.MemoryEstimate`
 objects and never compute; the numbers shown are ``components`` and
@@ -8,6 +9,7 @@ objects and never compute; the numbers shown are ``components`` and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, MemoryEstimate
@@ -86,6 +88,45 @@ def _shown(estimates: Sequence[MemoryEstimate]) -> list[str]:
     return [c for c in COMPONENTS if any(e.components.get(c, 0) for e in estimates)]
 
 
+@dataclass(frozen=True)
+class EstimateTable:
+    """The estimates as a table: what Markdown and HTML show (the terminal adds colour and a bar chart)."""
+
+    plan: PlanLine
+    components: tuple[str, ...]
+    """The components non-zero in at least one estimate, in the fixed order of ``COMPONENTS``."""
+    header: tuple[str, ...]
+    """``method``, each component's short name, ``peak (GiB)``, ``peak at``."""
+    rows: tuple[tuple[str, ...], ...]
+    """Per estimate: its label (with what its plan does apart from the plan line), each component's GiB,
+    the peak's GiB, the phase of the step where the peak is."""
+    legend: tuple[tuple[str, str], ...]
+    """Each shown component's short name and what it is."""
+    warnings: tuple[tuple[str, str, str], ...]
+    """Each estimate's warnings: its label, the warning's code and message."""
+    notes: tuple[tuple[str, str], ...]
+    """Each estimate of a pre-quantized checkpoint: its label and how its base is stored."""
+
+
+def estimate_table(estimates: Sequence[MemoryEstimate]) -> EstimateTable:
+    """The table of :func:`estimates_markdown` (one row per estimate, GiB), as cells."""
+    shown = _shown(estimates)
+    plan = _plan(estimates)
+    rows = tuple(
+        (_row_label(e, rest), *(_gib(e.components.get(c, 0)) for c in shown), _gib(e.total_bytes), e.peak_phase)
+        for e, rest in zip(estimates, plan.rest, strict=True)
+    )
+    return EstimateTable(
+        plan=plan,
+        components=tuple(shown),
+        header=("method", *(_SHORT[c] for c in shown), "peak (GiB)", "peak at"),
+        rows=rows,
+        legend=tuple((_SHORT[c], COMPONENT_HELP[c]) for c in shown),
+        warnings=tuple((_label(e), w.code, w.message) for e in estimates for w in e.warnings),
+        notes=tuple((_label(e), line) for e, line in storage_lines(estimates)),
+    )
+
+
 def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, width: int = 40) -> None:
     """Print a table (one row per method, one column per component, GiB) and a bar chart."""
     from rich.table import Table
@@ -121,17 +162,17 @@ def render_estimates(estimates: Sequence[MemoryEstimate], console: Console, *, w
     for c in shown:
         legend.append(f"{_GLYPH[c]} {_SHORT[c]}  ", style=_STYLE[c])
     console.print(legend)
-    reserved = _reserved_line(estimates)
+    reserved = reserved_line(estimates)
     if reserved:
         console.print(reserved, markup=False, style="bright_black")
     for e in estimates:
         for w in e.warnings:
             console.print(f"[yellow]warning[/yellow] ({_label(e)}, {w.code}): {w.message}")
-    for e, line in _storage_lines(estimates):
+    for e, line in storage_lines(estimates):
         console.print(Text.assemble(("note", "cyan"), f" ({_label(e)}, base storage): {line}"))
 
 
-def _reserved_line(estimates: Sequence[MemoryEstimate]) -> str:
+def reserved_line(estimates: Sequence[MemoryEstimate]) -> str:
     """What PyTorch reserves where memory is plentiful, next to the peak (the least memory the step runs in)."""
     known = [e for e in estimates if e.reserved_bytes]
     if not known:
@@ -151,7 +192,7 @@ def _reserved_line(estimates: Sequence[MemoryEstimate]) -> str:
     )
 
 
-def _storage_lines(estimates: Sequence[MemoryEstimate]) -> list[tuple[MemoryEstimate, str]]:
+def storage_lines(estimates: Sequence[MemoryEstimate]) -> list[tuple[MemoryEstimate, str]]:
     """The base-storage line of each estimate of a pre-quantized checkpoint, with its recipe."""
     out = []
     for e in estimates:
@@ -165,29 +206,26 @@ def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
     """A Markdown table of the estimates (GiB, one row per method) with a component legend."""
     if not estimates:
         return ""
-    shown = _shown(estimates)
-    plan = _plan(estimates)
-    head = ["method", *(_SHORT[c] for c in shown), "peak (GiB)", "peak at"]
-    lines = [plan.text, ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(shown) + 1) + ["---"]) + "|"]
-    for e, rest in zip(estimates, plan.rest, strict=True):
-        label = _row_label(e, rest)
-        cells = [label, *(_gib(e.components.get(c, 0)) for c in shown), f"**{_gib(e.total_bytes)}**", e.peak_phase]
-        lines.append("| " + " | ".join(cells) + " |")
+    table = estimate_table(estimates)
+    lines = [table.plan.text, ""]
+    lines += [
+        "| " + " | ".join(table.header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(table.components) + 1) + ["---"]) + "|",
+    ]
+    for *cells, peak, phase in table.rows:
+        lines.append("| " + " | ".join([*cells, f"**{peak}**", phase]) + " |")
     lines.append("")
-    reserved = _reserved_line(estimates)
+    reserved = reserved_line(estimates)
     if reserved:
         lines += [reserved[0].upper() + reserved[1:] + ".", ""]
-    for c in shown:
-        lines.append(f"- **{_SHORT[c]}**: {COMPONENT_HELP[c]}")
-    warnings = [(e, w) for e in estimates for w in e.warnings]
-    if warnings:
+    for name, meaning in table.legend:
+        lines.append(f"- **{name}**: {meaning}")
+    if table.warnings:
         lines.append("")
-        for e, w in warnings:
-            lines.append(f"> warning ({_label(e)}, `{w.code}`): {w.message}")
-    notes = _storage_lines(estimates)
-    if notes:
+        for label, code, message in table.warnings:
+            lines.append(f"> warning ({label}, `{code}`): {message}")
+    if table.notes:
         lines.append("")
-        for e, line in notes:
-            lines.append(f"> note ({_label(e)}, base storage): {line}")
+        for label, line in table.notes:
+            lines.append(f"> note ({label}, base storage): {line}")
     return "\n".join(lines) + "\n"

@@ -32,6 +32,29 @@ class ModelFacts:
         text = self.config.get("text_config")
         return text if isinstance(text, Mapping) else self.config
 
+    def to_dict(self) -> dict[str, Any]:
+        """The facts as JSON-ready data (:meth:`from_dict` reads them back equal)."""
+        return {
+            "model_id": self.model_id,
+            "config": dict(self.config),
+            "supports_gradient_checkpointing": self.supports_gradient_checkpointing,
+            "supports_sdpa": self.supports_sdpa,
+            "supports_flash_attention": self.supports_flash_attention,
+            "remote_code": self.remote_code,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelFacts:
+        """The facts :meth:`to_dict` wrote (raises ``KeyError``/``TypeError`` on anything else)."""
+        return cls(
+            model_id=data["model_id"],
+            config=dict(data["config"]),
+            supports_gradient_checkpointing=data["supports_gradient_checkpointing"],
+            supports_sdpa=data["supports_sdpa"],
+            supports_flash_attention=data["supports_flash_attention"],
+            remote_code=bool(data["remote_code"]),
+        )
+
     def token_id(self, name: str) -> int | list[int] | None:
         """A special token id (``pad_token_id``, ``eos_token_id``...), from the text config or the top level."""
         for source in (self.text_config, self.config):

@@ -189,8 +189,14 @@ def default_preset(inventory: Inventory) -> str:
     return "all-linear"
 
 
-def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest | None = None) -> Recommendation:
-    """Recommend a LoRA configuration for this model, task, data and budget, with its reasons."""
+def recommend(
+    inventory: Inventory, facts: ModelFacts, request: RecommendRequest | None = None, *, alternatives: bool = True
+) -> Recommendation:
+    """Recommend a LoRA configuration for this model, task, data and budget, with its reasons.
+
+    ``alternatives=False`` leaves out the other presets and ranks (``presets`` and ``ranks`` are empty):
+    the recommendation itself is the same, without the eight estimates they take (the report's one line).
+    """
     request = request or RecommendRequest()
     if request.task not in TASKS:
         raise TargetError(f"unknown task '{request.task}'; choose one of: {', '.join(TASKS)}")
@@ -298,8 +304,8 @@ def recommend(inventory: Inventory, facts: ModelFacts, request: RecommendRequest
         trainable=count.trainable,
         by_role=count.by_role(inventory),
         modules=tuple(compact_paths((*count.module_paths, *count.parameter_paths), limit=40)),
-        presets=_presets(inventory, recipe, request, shape),
-        ranks=_ranks(inventory, selection, recipe, shape),
+        presets=_presets(inventory, recipe, request, shape) if alternatives else (),
+        ranks=_ranks(inventory, selection, recipe, shape) if alternatives else (),
         reasons=tuple(reasons),
         findings=findings,
         peak_bytes=peak,

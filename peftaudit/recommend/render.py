@@ -137,8 +137,7 @@ def render_findings(findings: Sequence[Finding], fmt: str = "table", *, model_id
 def render_findings_lines(findings: Sequence[Finding], md: bool = False) -> list[str]:
     if not findings:
         return ["no findings"]
-    tally = counts(findings)
-    out = [", ".join(f"{n} {sev}{'s' if n != 1 else ''}" for sev, n in reversed(tally.items()) if n)]
+    out = [tally_line(findings)]
     for f in findings:
         if md:
             out.append(f"- **{f.severity}** `{f.id}`: {f.title}")
@@ -151,6 +150,12 @@ def render_findings_lines(findings: Sequence[Finding], md: bool = False) -> list
                 out.append(f"{'':8s}modules: {', '.join(f.modules)}")
             out.append(f"{'':8s}fix: {f.fix}")
     return out
+
+
+def tally_line(findings: Sequence[Finding]) -> str:
+    """How many findings of each severity, most severe first: ``1 error, 2 warnings``."""
+    tally = counts(findings)
+    return ", ".join(f"{n} {sev}{'s' if n != 1 else ''}" for sev, n in reversed(tally.items()) if n)
 
 
 def _section(title: str, md: bool) -> list[str]:

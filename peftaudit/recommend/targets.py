@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -400,10 +401,10 @@ def spec_matches(spec: TargetSpec, path: str, *, linear_paths: Iterable[str] = (
     """Whether the spec's ``target_modules`` (without peft's MoE rewriting) selects ``path``.
 
     ``linear_paths`` is what ``all-linear`` expands to (:func:`peftaudit.matching.all_linear`),
-    when the spec uses it.
+    when the spec uses it; a caller testing every module passes it once as a set.
     """
     if is_all_linear(spec.pattern):
-        return path in set(linear_paths)
+        return path in (linear_paths if isinstance(linear_paths, AbstractSet) else set(linear_paths))
     return targets_match(spec.target_modules, path)
 
 

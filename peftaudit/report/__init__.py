@@ -4,7 +4,7 @@
 * :mod:`~peftaudit.report.layers`: the per-layer table and the module tree;
 * :mod:`~peftaudit.report.build`: building one (:func:`audit`, the cache);
 * :mod:`~peftaudit.report.glance`: the default report's training memory at a glance and recommendation;
-* :mod:`~peftaudit.report.render`: the ``--format`` renderers (table, JSON, Markdown).
+* :mod:`~peftaudit.report.render`: the ``--format`` renderers (table, JSON, Markdown, HTML).
 """
 
 from __future__ import annotations

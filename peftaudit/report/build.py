@@ -161,7 +161,8 @@ def report_for(
     One cache entry serves both: it holds the glance once a report with it was
     asked for, and a report without it is answered from the same entry. An entry
     without the glance (written by ``--params-only`` or :func:`audit`), or with
-    one placed on GPUs whose figures have changed since, is completed and rewritten.
+    one placed on GPUs whose figures have changed since, is completed and rewritten, from the
+    model cache when the model was built before. ``use_cache=False`` neither reads nor writes either cache.
     """
     from peftaudit import cache
 
@@ -178,7 +179,7 @@ def report_for(
     if loaded is None:
         from peftaudit.sources.load import load_resolved
 
-        loaded = load_resolved(resolved, model_source, options)
+        loaded = load_resolved(resolved, model_source, options, use_cache=use_cache)
     report = cached if cached is not None else _build(resolved, loaded)
     if glance:
         from peftaudit.report.glance import glance_for

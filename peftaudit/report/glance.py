@@ -277,7 +277,7 @@ def recommendation_summary(inventory: Inventory, facts: ModelFacts, model_id: st
 
     command = f"peftaudit recommend {shlex.quote(model_id)}"
     try:
-        rec = recommend(inventory, facts)
+        rec = recommend(inventory, facts, alternatives=False)  # the one line needs no other presets or ranks
     except PeftauditError as exc:
         return RecommendationSummary(command=command, unavailable=str(exc))
     return summarize(rec, command)

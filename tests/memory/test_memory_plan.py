@@ -189,3 +189,18 @@ def test_every_family_gets_an_estimate(inventory_of, model_type: str) -> None:
             e = estimate(inv, TrainingPlan(method=method, seq_len=64, gradient_checkpointing=ckpt))
             assert e.total_bytes > e.components["cuda_context"] and all(a > 0 for a in e.activations_per_layer)
             assert "approximate-activations" not in [w.code for w in e.warnings]
+
+
+def test_an_estimate_does_not_depend_on_what_was_estimated_before(inventory_of) -> None:
+    """The optimizer's implementation changes static memory only (foreach's scratch), not the recorded step;
+    what an estimate keeps per model must still tell implementations apart, in either order."""
+    from peftaudit.memory.analytic.estimate import _PROFILES
+
+    fused, foreach = TrainingPlan(method="full"), TrainingPlan(method="full", optimizer_impl="foreach")
+    inventory = inventory_of("llama")
+    first = {p.optimizer_impl: estimate(inventory, p) for p in (fused, foreach)}
+    _PROFILES.pop(id(inventory), None)  # nothing kept: the other order
+    second = {p.optimizer_impl: estimate(inventory, p) for p in (foreach, fused)}
+    assert first["foreach"].phase_peaks != first["fused"].phase_peaks
+    for impl in ("fused", "foreach"):
+        assert first[impl].phase_peaks == second[impl].phase_peaks, impl

@@ -7,7 +7,6 @@ fake tensors (``peftaudit.memory.tracing``) and compares the allocated peaks.
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any
 
@@ -117,24 +116,17 @@ def test_trace_reports_categories_that_add_up(inventory_of) -> None:
 
 @pytest.mark.slow
 def test_seven_billion_lora_trace(measurements: dict[str, Any], inventory_of) -> None:
-    """A Llama-2-7B-shaped LoRA step traces in under 30 s and agrees with the analytic estimate."""
-    plan = TrainingPlan(
-        method="lora", targets=("q_proj", "k_proj", "v_proj", "o_proj"), precision="bf16-true", seq_len=512
-    )
-    started = time.perf_counter()
+    """A whole Llama-2-7B-shaped LoRA step: the trace reproduces the peak recorded in
+    ../shared/reference/measured-memory.md (13.09 GiB), and the analytic estimate agrees with it.
+    (How long the trace takes is measured by benchmarks/bench_estimate.py, not here.)"""
+    ckpt = next(m for m in measurements["simulated"] if m["id"] == "trace-7b-lora16-qkvo-ckpt")
+    plan = TrainingPlan(**ckpt["plan"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = trace(build(LLAMA2_7B), plan)
-    seconds = time.perf_counter() - started
-    assert seconds < 30
+    assert traced.allocated_bytes / 2**30 == pytest.approx(ckpt["measured"], rel=0.01)
     analytic = estimate(inventory_of(LLAMA2_7B), plan)
     assert abs(analytic.allocated_bytes / traced.allocated_bytes - 1) < 0.01
-    # The same shape traced for ../shared/reference/measured-memory.md, checkpointed: 13.09 GiB.
-    ckpt = next(m for m in measurements["simulated"] if m["id"] == "trace-7b-lora16-qkvo-ckpt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced_ckpt = trace(build(LLAMA2_7B), TrainingPlan(**ckpt["plan"]))
-    assert traced_ckpt.allocated_bytes / 2**30 == pytest.approx(ckpt["measured"], rel=0.01)
 
 
 def test_sharded_plans_are_refused_by_the_trace() -> None:

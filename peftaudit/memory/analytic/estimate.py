@@ -110,6 +110,24 @@ class _Prepared:
     """``program``, ``derived`` or ``stand-in`` (:data:`~peftaudit.memory.result.ACTIVATION_SOURCES`)."""
 
 
+@dataclass
+class _Shared:
+    """What a plan shape shares with the same shape under the other gradient checkpointing setting."""
+
+    own: Adaptation
+    """What the method adapts (before a checkpoint's own quantization is applied)."""
+    resolved: Any
+    """:func:`peftaudit.memory.quantized.resolve`'s answer for it."""
+    layout: ModelLayout
+    static: Static
+    signatures: dict[int, Any] | None = None
+    """:func:`_layer_signatures` of ``layout``, once a program recorded a step with it."""
+
+
+#: Where gradient checkpointing sits in :func:`_profile_key`.
+_CHECKPOINTING = _PROFILE_FIELDS.index("gradient_checkpointing")
+
+
 def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto") -> _Prepared:
     from peftaudit.plugins import memory_methods
 
@@ -121,7 +139,9 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     beyond = reached(model_windows, plan.seq_len)
     # An older stack's rules (stack_rules): the model as that release builds it, its step traced so.
     rules = active_rules(inventory, plan)
-    key = (*_profile_key(plan), beyond, activations, plan.stack, rules)
+    # The optimizer's implementation does not change the recorded step, but it does change the static
+    # memory prepared with it (foreach's scratch), so it keys what is kept here.
+    key = (*_profile_key(plan), beyond, activations, plan.stack, rules, plan.optimizer_impl)
     hit = store.get(key)
     if hit is not None:
         return hit
@@ -134,17 +154,28 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
         inventory = view
     method = memory_methods()[plan.method]
     own = method.adapt(inventory, plan)
-    # A checkpoint's own quantization_config decides how frozen weights are stored (--base-dtype wins).
-    resolved = resolve(inventory, plan, own)
-    adaptation = resolved.adaptation
     block = main_block(inventory)
     program = programs.lookup(inventory.model_type or "")
     shape = shape_of(inventory, program or programs.STAND_IN)
     if KV_EXPANDED.name in rules:
         shape = replace(shape, sdpa_repeats_kv=True)
+    # Gradient checkpointing changes the recorded step only: what the method adapts, how weights are
+    # stored, the layout and the static memory are those of the same shape with it the other way, so
+    # that twin lends them when it was prepared first (the sizing searches and the report's table ask
+    # for both). Only for the same adaptation: a plugin's method may adapt differently under it.
+    shared_key = ("without checkpointing", *key[:_CHECKPOINTING], *key[_CHECKPOINTING + 1 :])
+    found: _Shared | None = store.get(shared_key)
+    if found is None or found.own != own:
+        # A checkpoint's own quantization_config decides how frozen weights are stored (--base-dtype wins).
+        resolved = resolve(inventory, plan, own)
+        layout = ModelLayout(inventory, plan, resolved.adaptation, shape, block, checkpoint=resolved.checkpoint)
+        found = store[shared_key] = _Shared(
+            own, resolved, layout, static_memory(inventory, plan, resolved.adaptation, layout)
+        )
+    shared = found
+    resolved, layout, static = shared.resolved, shared.layout, shared.static
+    adaptation = resolved.adaptation
     warnings = list(resolved.warnings)
-    layout = ModelLayout(inventory, plan, adaptation, shape, block, checkpoint=resolved.checkpoint)
-    static = static_memory(inventory, plan, adaptation, layout)
     adapter_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else plan.adapter_dtype
 
     def make_ctx() -> Context:
@@ -161,7 +192,12 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     ids = layer_indices(inventory, block)
 
     def record(program: LayerProgram, layout: ModelLayout, shape: ModelShape) -> StepProfile:
-        signature = _layer_signatures(layout, ids)
+        if layout is shared.layout:  # the twin's layout: its layers' signatures too
+            if shared.signatures is None:
+                shared.signatures = _layer_signatures(layout, ids)
+            signature = shared.signatures
+        else:
+            signature = _layer_signatures(layout, ids)
         return record_step(
             program,
             shape,
@@ -344,7 +380,7 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
     plan = plan or TrainingPlan()
     plan.validate()
     check_images(inventory.config or {}, plan, inventory.architecture)
-    check_checkpointing(inventory.architecture, plan)
+    check_checkpointing(inventory.architecture, plan, supported=inventory.supports_gradient_checkpointing)
     prepared = _prepare(inventory, plan, activations)
     adaptation, layout, static, profile = prepared.adaptation, prepared.layout, prepared.static, prepared.profile
     warnings, total_params = prepared.warnings, prepared.total_params

@@ -44,8 +44,7 @@ def key_for(config: Mapping[str, Any], plan_fields: Mapping[str, Any], rules: tu
     parts: list[Any] = [FORMAT, __version__, versions, config, plan_fields]
     if rules:
         parts.append({"stack_rules": list(rules)})
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(cache.canonical_json(parts).encode()).hexdigest()
 
 
 def _path(key: str) -> Path:

@@ -64,10 +64,9 @@ def moe(ctx: CheckContext) -> Iterator[Finding]:
     if adapted is None:
         return
     # peft re-targets names on MoE models transformers 5 fused: compare plain matching with what peft does.
+    linear = frozenset(all_linear(inv))  # once, not once per module
     plain = [
-        m.path
-        for m in inv.modules
-        if m.path and m.is_linear and spec_matches(ctx.planned, m.path, linear_paths=all_linear(inv))
+        m.path for m in inv.modules if m.path and m.is_linear and spec_matches(ctx.planned, m.path, linear_paths=linear)
     ]
     lost = [p for p in plain if p not in adapted_modules]
     if lost:

@@ -78,12 +78,11 @@ def target_matching(ctx: CheckContext) -> Iterator[Finding]:
                 fix=f"write the longer names if you meant one of them: {', '.join(_disambiguate(ctx, name))}",
                 modules=tuple(compact_paths(m.path for m in modules if name_matches(name, m.path) and m.is_linear)),
             )
+    linear = frozenset(all_linear(inv))  # once, not once per module
     unsupported = [
         m
         for m in modules
-        if spec_matches(spec, m.path, linear_paths=all_linear(inv))
-        and not m.is_linear
-        and m.type not in ADAPTABLE_TYPES
+        if spec_matches(spec, m.path, linear_paths=linear) and not m.is_linear and m.type not in ADAPTABLE_TYPES
     ]
     if unsupported:
         types = sorted({m.type for m in unsupported})

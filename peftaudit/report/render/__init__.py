@@ -1,7 +1,9 @@
 """The report's renderers (``--format``): turn a finished report into text. They read, never compute.
 
 Plugins add formats through ``peftaudit_register_renderers``; the built-in
-ones are :mod:`.terminal` (``table``), :mod:`.json` and :mod:`.markdown`.
+ones are :mod:`.terminal` (``table``), :mod:`.json`, :mod:`.markdown` and
+:mod:`.html` (one self-contained page, its chart from :mod:`.svg`). What the
+terminal and HTML tables say, cell by cell, is decided once in :mod:`.rows`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class RenderOptions:
     width: int = 100
     color: bool = False
     tree: bool = False
-    """Include the module tree (terminal and Markdown)."""
+    """Include the module tree (terminal, Markdown and HTML)."""
 
 
 @runtime_checkable

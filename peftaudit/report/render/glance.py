@@ -2,7 +2,8 @@
 
 Reads a finished :class:`~peftaudit.report.glance.Glance` and computes nothing;
 the terminal and Markdown renderers of the report call it below the parameter
-tables. Sizes are GiB (2**30 bytes); GPU classes are the GB on the box.
+tables, and the HTML renderer takes its cells (:func:`glance_rows`) and lines.
+Sizes are GiB (2**30 bytes); GPU classes are the GB on the box.
 """
 
 from __future__ import annotations
@@ -55,6 +56,21 @@ def _method(row: MemoryRow, rest: str) -> str:
     return f"{row.method} ({rest})" if rest else row.method
 
 
+#: The memory table's columns; :func:`glance_rows` gives their cells.
+COLUMNS: tuple[str, ...] = ("Method", "Checkpointing", "Peak (GiB)", "GPU class")
+
+
+def glance_rows(memory: MemoryGlance) -> tuple[PlanLine, list[tuple[str, str, str, str]]]:
+    """The plan line the rows share, and each row's cells under :data:`COLUMNS`: the method (with what its plan
+    does apart from the line: ``qlora (nf4)``), checkpointing, the peak in GiB, the GPU class it fits."""
+    plan = _plan(memory)
+    rows = [
+        (_method(row, rest), "on" if row.gradient_checkpointing else "off", _peak(row), fits_text(row))
+        for row, rest in zip(memory.rows, plan.rest, strict=True)
+    ]
+    return plan, rows
+
+
 def notes(memory: MemoryGlance) -> list[str]:
     """What the table assumed beyond the plan line (the GPU of each class, LoRA's rank and targets), the
     estimator's warnings by code, and the methods it could not estimate."""
@@ -101,9 +117,14 @@ def recommendation_line(rec: RecommendationSummary) -> str:
     return f"{method} on {targets_text(rec)}, rank {rec.rank}, alpha {rec.alpha}{rslora}"
 
 
+def no_estimate(memory: MemoryGlance) -> str:
+    """Why a model the estimator cannot size has no table: ``no estimate: REASON (the parameter counts are exact)``."""
+    return f"no estimate: {memory.unavailable} (the parameter counts are exact)"
+
+
 def unavailable_line(memory: MemoryGlance) -> str:
     """The one line a model the estimator cannot size gets instead of the table."""
-    return f"{TITLE}: no estimate: {memory.unavailable} (the parameter counts are exact)"
+    return f"{TITLE}: {no_estimate(memory)}"
 
 
 def render_glance(glance: Glance, console: Console) -> None:
@@ -116,16 +137,17 @@ def render_glance(glance: Glance, console: Console) -> None:
         console.print(unavailable_line(memory), markup=False)
     else:
         console.print(TITLE, style="bold", markup=False)
-        plan = _plan(memory)
+        plan, rows = glance_rows(memory)
         for line in plan.wrapped(console.width):
             console.print(line, markup=False)
+        method, checkpointing, peak, gpu_class = COLUMNS
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column("Method", no_wrap=True)
-        table.add_column("Checkpointing", no_wrap=True)
-        table.add_column("Peak (GiB)", justify="right", no_wrap=True)
-        table.add_column("GPU class", overflow="fold")
-        for row, rest in zip(memory.rows, plan.rest, strict=True):
-            table.add_row(_method(row, rest), "on" if row.gradient_checkpointing else "off", _peak(row), fits_text(row))
+        table.add_column(method, no_wrap=True)
+        table.add_column(checkpointing, no_wrap=True)
+        table.add_column(peak, justify="right", no_wrap=True)
+        table.add_column(gpu_class, overflow="fold")
+        for cells in rows:
+            table.add_row(*cells)
         console.print(table)
         for line in notes(memory):
             console.print(line, markup=False, style="bright_black")
@@ -146,13 +168,12 @@ def glance_markdown(glance: Glance) -> list[str]:
     memory = glance.memory
     lines = ["", f"### {TITLE}", ""]
     if memory.unavailable:
-        lines.append(f"No estimate: {memory.unavailable} (the parameter counts are exact).")
+        text = no_estimate(memory)
+        lines.append(f"{text[0].upper()}{text[1:]}.")
     else:
-        plan = _plan(memory)
+        plan, rows = glance_rows(memory)
         lines += [plan.text, "", "| method | checkpointing | peak (GiB) | GPU class |", "|---|---|--:|---|"]
-        for row, rest in zip(memory.rows, plan.rest, strict=True):
-            checkpointing = "on" if row.gradient_checkpointing else "off"
-            lines.append(f"| {_method(row, rest)} | {checkpointing} | {_peak(row)} | {fits_text(row)} |")
+        lines += [f"| {' | '.join(cells)} |" for cells in rows]
         for line in notes(memory):
             lines += ["", line]
     rec = glance.recommendation

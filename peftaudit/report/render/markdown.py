@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from peftaudit.render.numbers import count, gib, percent
 from peftaudit.report.render import RenderOptions
+from peftaudit.report.render.rows import tree_label
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.report.model import Report, TreeNode
@@ -78,8 +79,7 @@ class MarkdownRenderer:
 
 
 def _tree_lines(node: TreeNode, depth: int) -> list[str]:
-    repeat = f" (x{node.repeat})" if node.repeat > 1 else ""
-    out = [f"{'  ' * depth}{node.name}{repeat} {node.type} {count(node.params)}"]
+    out = [f"{'  ' * depth}{tree_label(node, ' ')}"]
     for child in node.children:
         out += _tree_lines(child, depth + 1)
     return out

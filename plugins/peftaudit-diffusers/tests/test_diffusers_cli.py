@@ -22,7 +22,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_sdxl_unet_report_as_json() -> None:
-    result = run("report", "diffusers:sdxl/unet", "--json")
+    result = run("report", "diffusers:sdxl/unet", "--params-only", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["model"]["source"] == "diffusers"
@@ -37,7 +37,7 @@ def test_local_diffusers_folder(tmp_path: Path) -> None:
     assert sd15 is not None
     (tmp_path / "config.json").write_text(json.dumps(sd15["config"]))
     for spec in (str(tmp_path), f"diffusers:{tmp_path}"):
-        result = run("report", spec, "--json")
+        result = run("report", spec, "--params-only", "--json")
         assert result.returncode == 0, result.stderr
         data = json.loads(result.stdout)
         assert data["model"]["source"] == "diffusers"

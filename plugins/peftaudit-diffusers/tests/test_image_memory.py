@@ -81,7 +81,8 @@ def test_uncovered_inputs_are_refused() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("resolution", "batch", "checkpointing"),
-    [(512, 1, False), (512, 2, False), (384, 2, False), (512, 2, True), (1024, 1, False)],
+    # batch (512 x 1 and 2), resolution (384, 1024) and checkpointing each varied once
+    [(512, 1, False), (384, 2, False), (512, 2, True), (1024, 1, False)],
 )
 def test_sd15_lora_estimate_matches_the_trace(resolution: int, batch: int, checkpointing: bool) -> None:
     assert (resolution, batch) not in CALIBRATION_POINTS
