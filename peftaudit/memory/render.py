@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, MemoryEstimate
 from peftaudit.render.plan import PlanLine, plan_line
+from peftaudit.render.text import sentence
 from peftaudit.units import GIB
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -217,7 +218,7 @@ def estimates_markdown(estimates: Sequence[MemoryEstimate]) -> str:
     lines.append("")
     reserved = reserved_line(estimates)
     if reserved:
-        lines += [reserved[0].upper() + reserved[1:] + ".", ""]
+        lines += [sentence(reserved), ""]
     for name, meaning in table.legend:
         lines.append(f"- **{name}**: {meaning}")
     if table.warnings:

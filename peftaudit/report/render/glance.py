@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peftaudit.render.numbers import gib
+from peftaudit.render.text import sentence
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -168,8 +169,7 @@ def glance_markdown(glance: Glance) -> list[str]:
     memory = glance.memory
     lines = ["", f"### {TITLE}", ""]
     if memory.unavailable:
-        text = no_estimate(memory)
-        lines.append(f"{text[0].upper()}{text[1:]}.")
+        lines.append(sentence(no_estimate(memory)))
     else:
         plan, rows = glance_rows(memory)
         lines += [plan.text, "", "| method | checkpointing | peak (GiB) | GPU class |", "|---|---|--:|---|"]

@@ -29,6 +29,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from peftaudit.render.numbers import gib
+from peftaudit.render.text import sentence
 from peftaudit.report.render import RenderOptions
 from peftaudit.report.render.rows import Table, kinds_table, layers_table, summary_rows, towers_table, tree_label
 
@@ -162,11 +163,6 @@ class HtmlRenderer:
         return "\n".join(parts) + "\n"
 
 
-def _sentence(text: str) -> str:
-    """A line of the terminal's as a sentence of its own: capital first letter, full stop."""
-    return f"{text[0].upper()}{text[1:]}."
-
-
 def _lines(text: str) -> str:
     """Escaped text whose line breaks stay breaks."""
     return "<br>".join(escape(line) for line in text.split("\n"))
@@ -248,7 +244,7 @@ def _glance(glance: Glance) -> str:
     memory = glance.memory
     out = ['<section id="memory">', f"<h2>{escape(TITLE)}</h2>"]
     if memory.unavailable:
-        out.append(f"<p>{escape(_sentence(no_estimate(memory)))}</p>")
+        out.append(f"<p>{escape(sentence(no_estimate(memory)))}</p>")
     else:
         plan, rows = glance_rows(memory)
         out.append(f'<p class="plan">{escape(plan.text)}</p>')
@@ -335,7 +331,7 @@ def _estimates(estimates: Sequence[MemoryEstimate]) -> str:
     ]
     reserved = reserved_line(estimates)
     if reserved:
-        out.append(f'<p class="note">{escape(_sentence(reserved))}</p>')
+        out.append(f'<p class="note">{escape(sentence(reserved))}</p>')
     for label, code, message in table.warnings:
         out.append(f'<p class="warning">warning ({escape(label)}, <code>{escape(code)}</code>): {escape(message)}</p>')
     for label, line in table.notes:
