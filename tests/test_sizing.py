@@ -273,3 +273,46 @@ def test_cli_errors(args: list[str], message: str, capsys: pytest.CaptureFixture
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_fit_and_gpus_skip_checkpointing_a_method_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    """peft refuses prefix tuning with gradient checkpointing (ValueError in _setup_prompt_encoder): the
+    searches size it without, and say once why checkpointing was not tried."""
+    assert main(["fit", "gpt2", "--gpu", "H100", "--method", "prefix-tuning", "--seq-len", "512", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["gradient_checkpointing"]) for r in data["results"]] == [("prefix-tuning", False)]
+    (note,) = data["notes"]
+    assert note.startswith("prefix-tuning: gradient checkpointing not tried (peft's prefix tuning does not work")
+    # At a batch one GPU does not hold, every setup (GPU counts, sharding) is tried without checkpointing.
+    args = ["gpus", "gpt2", "--method", "prefix-tuning", "--gpu", "T4", "--batch-size", "64", "--seq-len", "1024"]
+    assert main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (found,) = data["gpus"][0]["fits"]
+    assert not found["fits"] and not found["gradient_checkpointing"]
+    assert data["notes"] == [note]
+    assert main(args) == 0
+    assert "prefix-tuning: gradient checkpointing not tried" in capsys.readouterr().out
+    assert main(["plan", "gpt2", "--gpu", "T4", "--method", "prefix-tuning", *args[-4:], "--tokens", "1M"]) == 2
+    assert "; gradient checkpointing not tried (peft's prefix tuning" in capsys.readouterr().err
+    # Asked for outright, it is refused as before: one line, exit 2.
+    assert main([*args, "--gradient-checkpointing"]) == 2
+    assert "does not work with gradient checkpointing" in capsys.readouterr().err
+
+
+def test_sizing_skips_checkpointing_a_model_refuses() -> None:
+    """transformers cannot checkpoint ConvNeXt: its setups are searched without checkpointing."""
+    from peftaudit.gpus.sizing import checkpointing_notes, checkpointing_skipped
+    from peftaudit.memory import PlanError, estimate
+    from peftaudit.memory.checkpointing import CheckpointingRefused
+
+    inv = inventory("facebook/convnext-base-224")
+    plan = TrainingPlan(method="lora", batch_size=1024)
+    assert "ConvNextForImageClassification does not support" in (checkpointing_skipped(inv, plan) or "")
+    note = f"lora: gradient checkpointing not tried ({checkpointing_skipped(inv, plan)})"
+    assert checkpointing_notes(inv, [plan, plan.with_(rank=4)]) == [note]
+    with pytest.raises(CheckpointingRefused) as refused:
+        estimate(inv, plan.with_(gradient_checkpointing=True))
+    assert isinstance(refused.value, PlanError)
+    best = smallest_setup(inv, plan, find_gpu("T4"), max_gpus=2)
+    assert not best.gradient_checkpointing and best.gpus in (1, 2)
+    assert checkpointing_skipped(inventory("gpt2"), TrainingPlan(method="lora")) is None

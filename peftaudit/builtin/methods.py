@@ -14,7 +14,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @hookimpl
 def peftaudit_register_methods(register: Callable[[Method], None]) -> None:
+    from peftaudit.memory.adapters import ADAPTER_METHODS
     from peftaudit.memory.methods import BUILTIN_METHODS
+    from peftaudit.memory.prompts import PROMPT_METHODS
+    from peftaudit.memory.trainable_tokens import TrainableTokensMethod
 
     for method in BUILTIN_METHODS:
         register(method)
+    for method in ADAPTER_METHODS:
+        register(method)
+    for method in PROMPT_METHODS:
+        register(method)
+    register(TrainableTokensMethod())

@@ -28,15 +28,20 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftaudit.gpus import find_gpu, render
-    from peftaudit.gpus.sizing import largest_fit
+    from peftaudit.gpus.sizing import checkpointing_notes, checkpointing_skipped, largest_fit
 
     fmt = table_or_json(args, "fit")
     gpu = find_gpu(args.gpu)
     model, plans = model_and_plans(args, "lora")
     inventory = model.inventory
+    # A method or model that refuses gradient checkpointing (prefix tuning, ConvNeXt) is searched without it only.
     results = [
-        largest_fit(inventory, base.with_(gradient_checkpointing=gc), gpu) for base in plans for gc in (False, True)
+        largest_fit(inventory, base.with_(gradient_checkpointing=gc), gpu)
+        for base in plans
+        for gc in (False, True)
+        if not (gc and checkpointing_skipped(inventory, base))
     ]
+    notes = checkpointing_notes(inventory, plans)
     if fmt == "json":
         emit(
             dumps(
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
                     "usable_bytes": gpu.usable_bytes,
                     "stack": dict(plans[0].stack),
                     "results": [r.to_dict() for r in results],
+                    "notes": notes,
                 }
             )
             + "\n",
@@ -55,5 +61,7 @@ def run(args: argparse.Namespace) -> int:
     out, buffer = render.console(width(args), use_color(args))
     out.print(f"{model.resolved.id} on one {gpu.name} ({gpu.usable_gib:.1f} GiB usable)", markup=False)
     render.fit_table(results, out)
+    for note in notes:
+        out.print(note, markup=False)
     emit(buffer.getvalue(), args)
     return ExitCode.OK

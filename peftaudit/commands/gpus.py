@@ -56,13 +56,14 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.OK
     if args.max_gpus < 1:
         raise PeftauditError(f"--max-gpus must be at least 1, got {args.max_gpus}")
-    from peftaudit.gpus.sizing import sweep
+    from peftaudit.gpus.sizing import checkpointing_notes, sweep
     from peftaudit.progress import task
 
     model, plans = model_and_plans(args, DEFAULT_COMPARE)
     inventory = model.inventory
     with task(f"sizing {', '.join(p.method for p in plans)} on {len(gpus)} GPUs") as progress:
         rows = sweep(inventory, plans, gpus, max_gpus=args.max_gpus, progress=progress)
+    notes = checkpointing_notes(inventory, [p for p in plans if not p.gradient_checkpointing])
     context = inventory.dims.max_position_embeddings or CHART_SEQ_LENS[-1]
     seqs = [s for s in CHART_SEQ_LENS if s <= context] or [CHART_SEQ_LENS[0]]
     limits = _limits(gpus)
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
                 for g, fits in zip(gpus, rows, strict=True)
             ],
             "by_seq_len": {m: [{"seq_len": s, "peak_bytes": b} for s, b in pts] for m, pts in curve.items()},
+            "notes": notes,
         }
         emit(dumps(data) + "\n", args)
         return ExitCode.OK
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     line = render.plan_lines(plans, out)
     labels = [f"{p.method} ({rest})" if rest else p.method for p, rest in zip(plans, line.rest, strict=True)]
     render.sweep_table(rows, labels, gpus, out)
+    for note in notes:
+        out.print(note, markup=False)
     render.seq_chart(curve, limits, out)
     emit(buffer.getvalue(), args)
     return ExitCode.OK

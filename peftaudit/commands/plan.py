@@ -38,7 +38,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from peftaudit.errors import PeftauditError
     from peftaudit.gpus import find_gpu, render
-    from peftaudit.gpus.sizing import fit, run_cost, smallest_setup
+    from peftaudit.gpus.sizing import checkpointing_skipped, fit, run_cost, smallest_setup
     from peftaudit.units import parse_tokens
 
     fmt = table_or_json(args, "plan")
@@ -51,9 +51,11 @@ def run(args: argparse.Namespace) -> int:
     for plan in plans:
         chosen = fit(inventory, plan, gpu) if plan.gpus > 1 else smallest_setup(inventory, plan, gpu)
         if not chosen.fits:
+            skipped = None if plan.gradient_checkpointing else checkpointing_skipped(inventory, plan)
             raise PeftauditError(
                 f"{plan.method} on {gpu.name}: no setup up to {chosen.gpus} GPUs fits "
                 f"({chosen.peak_bytes / 2**30:.1f} GiB per GPU needed)"
+                + (f"; gradient checkpointing not tried ({skipped})" if skipped else "")
             )
         sized = chosen.applied_to(plan)  # the plan the setup runs: its FLOPs include any recompute
         cost = run_cost(inventory, sized, gpu, tokens=tokens, mfu=args.mfu, price_per_gpu_hour=args.price)

@@ -50,7 +50,7 @@ def fit_live_model(
     model: Any,
     *,
     gpu: str,
-    method: str = "lora",
+    method: str | None = None,
     seq_len: int = 2048,
     batch_size: int = 1,
     gpus: int = 1,
@@ -58,11 +58,16 @@ def fit_live_model(
     expandable_segments: bool = False,
     lengths: str = "fixed",
 ) -> LiveFit:
-    """Estimate ``model``'s training plan on ``gpu``, reading LoRA settings from a PeftModel.
+    """Estimate ``model``'s training plan on ``gpu``, reading the adapter from a PeftModel.
 
     The architecture comes from the model's config (rebuilt on the meta device,
-    so the live weights are never touched); rank, targets and
-    ``modules_to_save`` come from the PeftModel's active adapter config. ``stack``: the
+    so the live weights are never touched). A PeftModel's active adapter config, of
+    any peft type peftaudit models, gives the method and its options
+    (:func:`peftaudit.memory.peft_config.plan_fields`). ``method``: the method of a
+    model without an adapter (default ``lora``); given with a PeftModel, it picks how a
+    LoRA adapter's base is stored (``qlora``, ``lora-8bit``), or sizes another kind of
+    training of the same model (``full``, ``freeze``, ...) instead of its adapter;
+    ``lora`` (the pytest marker's default) leaves the adapter's own method. ``stack``: the
     releases the run uses (``"transformers==4.44,peft==0.12"``; default the installed ones).
     ``expandable_segments`` and ``lengths`` (``fixed`` or ``varied``): how the caching allocator
     is set up and what batches it sees (:class:`~peftaudit.memory.plan.TrainingPlan`).
@@ -82,29 +87,8 @@ def fit_live_model(
     data["architectures"] = [type(base).__name__]
     name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
     inventory = load_config(data, model_id=name, origin=f"live {type(model).__name__}").inventory
-    fields: dict[str, Any] = {}
-    peft_config = _active_peft_config(model)
-    if peft_config is not None:
-        fields["rank"] = int(getattr(peft_config, "r", 16))
-        targets = getattr(peft_config, "target_modules", None)
-        if isinstance(targets, str):
-            fields["targets"] = targets
-        elif targets:
-            fields["targets"] = tuple(sorted(targets))
-        # peft's task types list candidates (["classifier", "score"]) and keep those that exist.
-        paths = [m.path for m in inventory.modules]
-        saved = [
-            n
-            for n in getattr(peft_config, "modules_to_save", None) or ()
-            if any(p == n or p.endswith("." + n) for p in paths)
-        ]
-        if saved:
-            fields["modules_to_save"] = tuple(saved)
-        dropout = getattr(peft_config, "lora_dropout", None)
-        if dropout is not None:
-            fields["dropout"] = float(dropout)
+    fields = _adapter_fields(_active_peft_config(model), [m.path for m in inventory.modules], method)
     plan = TrainingPlan(
-        method=method,
         seq_len=seq_len,
         batch_size=batch_size,
         gpus=gpus,
@@ -116,6 +100,33 @@ def fit_live_model(
     )
     plan.validate()
     return LiveFit(fit=fit(inventory, plan, find_gpu(gpu)), model=name, plan=plan.to_dict())
+
+
+#: Methods that train a LoRA adapter and differ only in how the frozen base is stored.
+_LORA_BASES = ("lora", "qlora", "lora-8bit")
+
+
+def _adapter_fields(peft_config: Any, paths: list[str], method: str | None) -> dict[str, Any]:
+    """Plan fields for the live adapter ``peft_config`` (None: no adapter) and the caller's ``method``."""
+    if peft_config is None:
+        return {"method": method or "lora"}
+    from peftaudit.memory.peft_config import plan_fields
+
+    fields = plan_fields(peft_config)
+    own = fields["method"]
+    if method is None or method == "lora" or method == own:
+        pass  # the adapter's own method
+    elif own == "lora" and method in _LORA_BASES:
+        fields["method"] = method  # the same LoRA adapter on a quantized base
+    else:
+        return {"method": method}  # another kind of training of this model, not its adapter
+    # peft's task types list candidates (["classifier", "score"]) and keep those that exist.
+    saved = [n for n in fields.get("modules_to_save", ()) if any(p == n or p.endswith("." + n) for p in paths)]
+    if saved:
+        fields["modules_to_save"] = tuple(saved)
+    else:
+        fields.pop("modules_to_save", None)
+    return fields
 
 
 def _active_peft_config(model: Any) -> Any:

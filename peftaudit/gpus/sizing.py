@@ -132,15 +132,40 @@ def smallest_setup(
     For 1, then 2, 4, 8, ... GPUs: the plan as given (one GPU) or with DDP,
     ZeRO-2, ZeRO-3, ZeRO-3 with the optimizer offloaded, and with parameters
     offloaded too; at each count, gradient checkpointing is switched on as a
-    last resort when the plan did not ask for it (activations do not shard).
+    last resort when the plan did not ask for it (activations do not shard) and
+    the method and the model allow it (:func:`checkpointing_skipped`).
     Returns the last setup tried (which does not fit) when none does.
     """
-    return _first_fit(inventory, _setups(plan, max_gpus), gpu, peak)
+    return _first_fit(inventory, _setups(inventory, plan, max_gpus), gpu, peak)
 
 
-def _setups(plan: TrainingPlan, max_gpus: int) -> list[TrainingPlan]:
+def checkpointing_skipped(inventory: Inventory, plan: TrainingPlan) -> str | None:
+    """Why the searches do not try ``plan`` with gradient checkpointing on, or ``None`` where they may.
+
+    The method (peft's prefix tuning) or the model's class (ConvNeXt) refuses it
+    (:func:`peftaudit.memory.checkpointing.checkpointing_refused`): such a setup is left out, not failed.
+    """
+    from peftaudit.memory.checkpointing import checkpointing_refused
+
+    return checkpointing_refused(inventory, plan.with_(gradient_checkpointing=True))
+
+
+def checkpointing_notes(inventory: Inventory, plans: Sequence[TrainingPlan]) -> list[str]:
+    """One line per method whose plans the searches size without gradient checkpointing, saying why."""
+    notes = (checkpointing_note(plan.method, checkpointing_skipped(inventory, plan)) for plan in plans)
+    return list(dict.fromkeys(note for note in notes if note))
+
+
+def checkpointing_note(method: str, reason: str | None) -> str | None:
+    """``prefix-tuning: gradient checkpointing not tried (REASON)``, or ``None`` without a reason."""
+    return f"{method}: gradient checkpointing not tried ({reason})" if reason else None
+
+
+def _setups(inventory: Inventory, plan: TrainingPlan, max_gpus: int) -> list[TrainingPlan]:
     """The setups :func:`smallest_setup` tries, in its order."""
-    checkpointing = [plan.gradient_checkpointing] + ([True] if not plan.gradient_checkpointing else [])
+    checkpointing = [plan.gradient_checkpointing]
+    if not plan.gradient_checkpointing and checkpointing_skipped(inventory, plan) is None:
+        checkpointing.append(True)
     setups: list[tuple[int, str, str, bool]] = [(1, "none", "none", gc) for gc in checkpointing]
     for count in (c for c in GPU_COUNTS if c <= max_gpus):
         setups += [(count, sharding, offload, gc) for gc in checkpointing for sharding, offload in SCALE_OUT]
@@ -449,7 +474,7 @@ def sweep(
     # Every GPU tries the same setups of a plan (smallest_setup's), and a setup's peak per GPU does not
     # depend on the GPU it is compared with: each is made and estimated once (21 GPUs: a tenth of the work).
     once = _memoised(peak)
-    setups = [_setups(plan, max_gpus) for plan in plans]
+    setups = [_setups(inventory, plan, max_gpus) for plan in plans]
     rows: list[list[Fit]] = []
     for gpu in gpus:
         row: list[Fit] = []

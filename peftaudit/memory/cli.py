@@ -46,12 +46,14 @@ from peftaudit.memory.plan import (
     ATTENTIONS,
     BASE_DTYPES,
     LENGTHS,
+    LORA_INITS,
     LOSSES,
     MIB,
     OFFLOADS,
     OPTIMIZER_IMPLS,
     OPTIMIZERS,
     PRECISIONS,
+    PROMPT_ENCODERS,
     QUANT_TYPES,
     SHARDINGS,
     PlanError,
@@ -101,6 +103,43 @@ def _rank_patterns(items: list[str]) -> tuple[tuple[str, int], ...]:
         except ValueError:
             raise PlanError(f"--rank-pattern rank must be an integer, got {value!r}") from None
     return tuple(pairs)
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    """``0,1,2`` or ranges ``0-15,20``: the layer indices peft's ``layers_to_transform`` lists."""
+    layers: list[int] = []
+    for part in _names(value):
+        first, dash, last = part.partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise PlanError(f"--layers wants layer indices like 0,1,2 or 0-15, got {part!r}") from None
+        if high < low:
+            raise PlanError(f"--layers range {part!r} runs backwards")
+        layers.extend(range(low, high + 1))
+    return tuple(sorted(set(layers)))
+
+
+#: Every built-in method, as ``--method`` lists them (a test checks the registry has exactly these).
+BUILTIN_METHOD_NAMES: tuple[str, ...] = (
+    "full",
+    "freeze",
+    "lora",
+    "qlora",
+    "lora-8bit",
+    "dora",
+    "ia3",
+    "prompt-tuning",
+    "prefix-tuning",
+    "p-tuning",
+    "adalora",
+    "loha",
+    "lokr",
+    "vera",
+    "oft",
+    "boft",
+    "trainable-tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -257,7 +296,6 @@ PLAN_FLAGS: tuple[PlanFlag, ...] = (
     ),
     *ALLOCATOR_FLAGS,
     STACK_FLAG,
-    PlanFlag("num_virtual_tokens", "--virtual-tokens", "prompt tuning tokens (default {default})", "N", int),
     PlanFlag(
         "trainable_layers",
         "--trainable-layers",
@@ -267,8 +305,71 @@ PLAN_FLAGS: tuple[PlanFlag, ...] = (
     ),
 )
 
+#: Options of peft's methods, in their own help group (``METHOD_OPTIONS`` in plan.py says which
+#: methods read each; given to another method, they are refused).
+METHOD_FLAGS: tuple[PlanFlag, ...] = (
+    PlanFlag(
+        "lora_init",
+        "--init",
+        "LoRA initialisation; only mica (frozen lora_B) changes memory, the others (pissa, olora, loftq, "
+        "eva, corda, orthogonal, gaussian) only the starting values",
+        choices=LORA_INITS,
+    ),
+    PlanFlag("use_rslora", "--rslora", "rsLoRA scaling (changes no memory)", action="store_true"),
+    PlanFlag(
+        "lora_plus_ratio", "--lora-plus-ratio", "LoRA+ learning-rate ratio B/A (changes no memory)", "X", positive_float
+    ),
+    PlanFlag("layers_to_transform", "--layers", "adapt only these layers, e.g. 0-7,12", "LIST", to_plan=_layers),
+    PlanFlag(
+        "layers_pattern", "--layers-pattern", "the layer list --layers counts in (e.g. layers)", "NAMES", to_plan=_names
+    ),
+    PlanFlag("bdlora_a", "--bdlora-a", "BD-LoRA: modules with a block-diagonal lora_A", "NAMES", to_plan=_names),
+    PlanFlag("bdlora_b", "--bdlora-b", "BD-LoRA: modules with a block-diagonal lora_B", "NAMES", to_plan=_names),
+    PlanFlag("bdlora_blocks", "--bdlora-blocks", "BD-LoRA: blocks per factor (default {default})", "N", int),
+    PlanFlag("trainable_tokens", "--trainable-tokens", "token embeddings trained in place (count)", "N", int),
+    PlanFlag(
+        "feedforward_modules",
+        "--feedforward-modules",
+        "IA3: targets whose input is scaled (default: peft's for the model)",
+        "NAMES",
+        to_plan=_names,
+    ),
+    PlanFlag(
+        "num_virtual_tokens", "--virtual-tokens", "prompt, prefix and p-tuning tokens (default {default})", "N", int
+    ),
+    PlanFlag(
+        "prefix_projection", "--prefix-projection", "prefix tuning through an MLP (default {default})", action=_switch
+    ),
+    PlanFlag(
+        "encoder_hidden_size",
+        "--encoder-hidden-size",
+        "prefix projection / p-tuning encoder width (default: the model's)",
+        "N",
+        int,
+    ),
+    PlanFlag("prompt_encoder", "--prompt-encoder", "p-tuning encoder", choices=PROMPT_ENCODERS),
+    PlanFlag("encoder_layers", "--encoder-layers", "p-tuning encoder layers (default {default})", "N", int),
+    PlanFlag("lokr_factor", "--lokr-factor", "LoKr decompose factor (default {default}: as even as divides)", "N", int),
+    PlanFlag("lokr_decompose_both", "--lokr-decompose-both", "LoKr: factorise both factors", action="store_true"),
+    PlanFlag("oft_block_size", "--oft-block-size", "OFT block size (default {default})", "N", int),
+    PlanFlag("oft_blocks", "--oft-blocks", "OFT blocks per layer (peft's r; decides the block size)", "N", int),
+    PlanFlag("block_share", "--block-share", "OFT: one rotation shared by all blocks", action="store_true"),
+    PlanFlag("boft_block_size", "--boft-block-size", "BOFT block size (default {default})", "N", int),
+    PlanFlag("boft_blocks", "--boft-blocks", "BOFT blocks (decides the block size)", "N", int),
+    PlanFlag("boft_butterfly", "--boft-butterfly", "BOFT butterfly factor (default {default})", "N", int),
+    PlanFlag(
+        "adalora_allocator",
+        "--adalora-allocator",
+        "AdaLoRA's rank allocator runs each step (default {default})",
+        action=_switch,
+    ),
+)
+
+#: Every flag that sets a plan field.
+ALL_PLAN_FLAGS: tuple[PlanFlag, ...] = PLAN_FLAGS + METHOD_FLAGS
+
 #: Destinations of every flag this module adds (all default to None: "not given").
-_DESTS = ("memory_method", "memory_compare", *(f.dest for f in PLAN_FLAGS), "memory_trace")
+_DESTS = ("memory_method", "memory_compare", "memory_peft_config", *(f.dest for f in ALL_PLAN_FLAGS), "memory_trace")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -278,11 +379,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         dest="memory_method",
         metavar="M",
-        help="fine-tuning method (full, freeze, lora, qlora, lora-8bit, dora, ia3, prompt-tuning, or a plugin's)",
+        help=f"fine-tuning method ({', '.join(BUILTIN_METHOD_NAMES)}, or a plugin's)",
     )
     g.add_argument("--compare", dest="memory_compare", metavar="M1,M2", help="several methods side by side")
+    g.add_argument(
+        "--peft-config",
+        dest="memory_peft_config",
+        metavar="PATH",
+        help="estimate the adapter this adapter_config.json (or adapter directory) describes: its method and "
+        "every option peft honours",
+    )
     for flag in PLAN_FLAGS:
         add_flag(g, flag)
+    options = parser.add_argument_group("peft method options", "sizes and options of a method (see --method)")
+    for flag in METHOD_FLAGS:
+        add_flag(options, flag)
     g.add_argument(
         "--trace",
         dest="memory_trace",
@@ -332,7 +443,13 @@ def plans_from_args(args: argparse.Namespace, *, default_methods: str | None = N
         return []
     fields: dict[str, Any] = {}
     given_by: dict[str, str] = {}
-    for flag in PLAN_FLAGS:
+    peft_config = getattr(args, "memory_peft_config", None)
+    if peft_config:
+        from peftaudit.memory.peft_config import plan_fields
+
+        fields = plan_fields(peft_config)
+        given_by = dict.fromkeys(fields, "--peft-config")
+    for flag in ALL_PLAN_FLAGS:
         parsed = getattr(args, flag.dest, None)
         # An empty --targets "" is as if not given; an empty --stack "" is refused (parse_stack).
         if parsed is None or (parsed == "" and flag.field != "stack"):
@@ -348,8 +465,13 @@ def plans_from_args(args: argparse.Namespace, *, default_methods: str | None = N
     compare = _names(getattr(args, "memory_compare", None))
     if method and compare:
         raise PlanError("give --method or --compare, not both")
+    if "method" in fields:  # from --peft-config, which names its method
+        if method or compare:
+            raise PlanError(f"give --peft-config or {'--method' if method else '--compare'}, not both")
+        method = fields.pop("method")
     methods = compare or ((method,) if method else _names(default_methods or "lora"))
     plans = [TrainingPlan(method=m, **fields) for m in methods]
+    spelling = {flag.field: flag.flag for flag in ALL_PLAN_FLAGS}
     for plan in plans:
-        plan.validate()
+        plan.validate(spelling)
     return plans

@@ -29,6 +29,7 @@ from peftaudit.memory.plan import PlanError, TrainingPlan
 from peftaudit.memory.targets import (
     ModuleAdapter,
     SavedModule,
+    buffers_bytes,
     ia3_adapters,
     lora_adapters,
     saved_modules,
@@ -50,13 +51,27 @@ class Adaptation:
     """How frozen linear weights are stored: ``None`` (as the plan's dtype), ``nf4``,
     ``fp4``, ``int8`` or ``fp8``."""
     virtual_tokens: int = 0
-    """Prompt tuning: tokens prepended to each sequence."""
+    """Prompt tuning, p-tuning: tokens prepended to each sequence."""
     prompt_params: int = 0
+    """Parameters of the prompt (prompt tuning's embeddings, a prompt encoder's tensors)."""
+    prompt_tensors: tuple[tuple[int, ...], ...] = ()
+    """A prompt encoder's trainable tensors (prefix tuning, p-tuning; :mod:`peftaudit.memory.prompts`),
+    each its own optimizer tensor, summing to ``prompt_params``; empty: one tensor of ``prompt_params``."""
+    prefix_tokens: int = 0
+    """Prefix tuning: keys and values prepended in every attention layer (the sequence is not longer)."""
+    shared_buffers: tuple[tuple[tuple[int, ...], str], ...] = ()
+    """Buffers the method adds once per model, as ``(shape, dtype)``: VeRA's shared random
+    projections ``vera_A`` and ``vera_B`` (per-module buffers are on each :class:`ModuleAdapter`)."""
 
     @property
     def adapter_params(self) -> int:
         """Parameters the method adds (adapters, trained copies, prompt embeddings)."""
         return sum(a.params for a in self.adapters) + sum(s.params for s in self.saved) + self.prompt_params
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the buffers the method adds (:attr:`shared_buffers` and each adapter's)."""
+        return sum(a.buffer_bytes for a in self.adapters) + buffers_bytes(self.shared_buffers)
 
 
 @runtime_checkable
@@ -115,12 +130,18 @@ class LoraMethod:
         if quant is not None and not any(m.is_linear for m in inventory.modules):
             raise PlanError(f"{self.name} quantizes linear layers, and this {inventory.architecture} has none")
         adapters = lora_adapters(inventory, plan, kind=self.kind)
+        from peftaudit.memory.trainable_tokens import token_rows  # it imports this module's Adaptation
+
+        # trainable_token_indices: embedding rows trained next to the adapters (a delta tensor).
+        tokens = token_rows(inventory, plan)
         return Adaptation(
             self.name,
             adapters=adapters,
             trainable=_lora_biases(inventory, plan, adapters),
             saved=saved_modules(inventory, plan),
             quantization=quant,
+            prompt_params=sum(rows * dim for rows, dim in tokens),
+            prompt_tensors=tokens,
         )
 
     def quantization_for(self, plan: TrainingPlan) -> str | None:

@@ -71,6 +71,54 @@ LORA_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
 LENGTHS: tuple[str, ...] = ("fixed", "varied")
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 
+#: LoRA initialisations, peft's ``init_lora_weights`` (``default`` is peft's ``True``). All but ``mica``
+#: change only the starting values; ``mica`` freezes ``lora_B`` (peft ``tuners/lora/layer.py``), so only A
+#: trains.
+LORA_INITS: tuple[str, ...] = (
+    "default",
+    "gaussian",
+    "pissa",
+    "olora",
+    "loftq",
+    "eva",
+    "corda",
+    "orthogonal",
+    "mica",
+)
+#: p-tuning's prompt encoder (peft's ``encoder_reparameterization_type``).
+PROMPT_ENCODERS: tuple[str, ...] = ("mlp", "lstm")
+
+_LORA_FAMILY = ("lora", "qlora", "lora-8bit", "dora")
+#: The tuners whose config has ``layers_to_transform`` (IA3's has not, peft 0.21.2).
+_LAYERED_TUNERS = (*_LORA_FAMILY, "adalora", "loha", "lokr", "vera", "oft", "boft")
+#: Built-in methods that read each method option (a non-default value given to another method is a
+#: mistake worth saying). A plugin's methods are not checked: they may read any field.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "lora_init": _LORA_FAMILY,
+    "use_rslora": (*_LORA_FAMILY, "adalora"),
+    "lora_plus_ratio": _LORA_FAMILY,
+    "bdlora_a": _LORA_FAMILY,
+    "bdlora_b": _LORA_FAMILY,
+    "bdlora_blocks": _LORA_FAMILY,
+    "trainable_tokens": (*_LORA_FAMILY, "trainable-tokens"),
+    "layers_to_transform": _LAYERED_TUNERS,
+    "layers_pattern": _LAYERED_TUNERS,
+    "prefix_projection": ("prefix-tuning",),
+    "encoder_hidden_size": ("prefix-tuning", "p-tuning"),
+    "prompt_encoder": ("p-tuning",),
+    "encoder_layers": ("p-tuning",),
+    "lokr_factor": ("lokr",),
+    "lokr_decompose_both": ("lokr",),
+    "oft_block_size": ("oft",),
+    "oft_blocks": ("oft",),
+    "block_share": ("oft",),
+    "boft_block_size": ("boft",),
+    "boft_blocks": ("boft",),
+    "boft_butterfly": ("boft",),
+    "adalora_allocator": ("adalora",),
+    "feedforward_modules": ("ia3",),
+}
+
 
 @dataclass(frozen=True)
 class TrainingPlan:
@@ -82,10 +130,11 @@ class TrainingPlan:
 
     # --- what trains ------------------------------------------------------------
     method: str = "lora"
-    """A registered method: ``full``, ``freeze``, ``lora``, ``qlora``, ``lora-8bit``,
-    ``dora``, ``ia3``, ``prompt-tuning`` (see ``peftaudit.memory.available_methods()``)."""
+    """A registered method: ``full``, ``freeze``, ``lora``, ``qlora``, ``lora-8bit``, ``dora``,
+    ``ia3``, ``prompt-tuning``, ``prefix-tuning``, ``p-tuning``, ``adalora``, ``loha``, ``lokr``,
+    ``vera``, ``oft``, ``boft``, ``trainable-tokens`` (see ``peftaudit.memory.available_methods()``)."""
     rank: int = 16
-    """LoRA rank ``r`` (LoRA, QLoRA, DoRA)."""
+    """Adapter rank ``r`` (LoRA, QLoRA, DoRA, LoHa, LoKr, VeRA; AdaLoRA's initial rank ``init_r``)."""
     alpha: float | None = None
     """LoRA alpha; ``None`` is ``2 * rank``. It scales the update and costs no memory."""
     dropout: float = 0.0
@@ -113,7 +162,62 @@ class TrainingPlan:
     trainable_layers: int = 2
     """``freeze`` method without ``trainable``: how many of the last layers train."""
     num_virtual_tokens: int = 20
-    """``prompt-tuning``: virtual tokens prepended to every sequence."""
+    """``prompt-tuning``, ``prefix-tuning``, ``p-tuning``: virtual tokens prepended to every sequence."""
+
+    # --- options of peft's methods (peft's config field in brackets; :data:`METHOD_OPTIONS` says which
+    # --- methods read each). ``rank`` is also AdaLoRA's ``init_r``, LoHa's, LoKr's and VeRA's ``r``.
+    lora_init: str = "default"
+    """LoRA initialisation (``init_lora_weights``, :data:`LORA_INITS`). Only ``mica`` changes memory
+    (it freezes ``lora_B``); PiSSA, OLoRA, LoftQ, EVA, CorDA, orthogonal and gaussian change the
+    starting values only."""
+    use_rslora: bool = False
+    """rsLoRA (``use_rslora``): scales by alpha/sqrt(r). Changes no memory; accepted so a config says it."""
+    lora_plus_ratio: float | None = None
+    """LoRA+: B's learning rate over A's, an optimizer recipe. Changes no memory."""
+    layers_to_transform: tuple[int, ...] = ()
+    """Only these layer indices get adapters (``layers_to_transform``); empty is every layer."""
+    layers_pattern: tuple[str, ...] = ()
+    """The name of the layer list ``layers_to_transform`` counts in (``layers_pattern``, e.g. ``layers``)."""
+    bdlora_a: tuple[str, ...] = ()
+    """BD-LoRA (``use_bdlora.target_modules_bd_a``): modules whose ``lora_A`` is block-diagonal."""
+    bdlora_b: tuple[str, ...] = ()
+    """BD-LoRA (``use_bdlora.target_modules_bd_b``): modules whose ``lora_B`` is block-diagonal."""
+    bdlora_blocks: int = 1
+    """BD-LoRA (``use_bdlora.nblocks``): blocks of each block-diagonal factor."""
+    trainable_tokens: int = 0
+    """Token embeddings trained in place (``trainable_token_indices``; ``trainable-tokens``'
+    ``token_indices``): how many token ids."""
+    feedforward_modules: tuple[str, ...] | None = None
+    """``ia3``: targets whose input is scaled instead of their output (``feedforward_modules``);
+    ``None`` is peft's per-architecture default (``down_proj`` for Llama)."""
+    prefix_projection: bool = False
+    """``prefix-tuning``: pass the prefix through a two-layer MLP (``prefix_projection``)."""
+    encoder_hidden_size: int | None = None
+    """``prefix-tuning`` with projection and ``p-tuning``: the prompt encoder's hidden size
+    (``encoder_hidden_size``); ``None`` is peft's default, the model's token dimension."""
+    prompt_encoder: str = "mlp"
+    """``p-tuning``: ``mlp`` or ``lstm`` (``encoder_reparameterization_type``)."""
+    encoder_layers: int = 2
+    """``p-tuning``: the prompt encoder's layers (``encoder_num_layers``)."""
+    lokr_factor: int = -1
+    """``lokr``: ``decompose_factor``; -1 splits each dimension as evenly as it divides."""
+    lokr_decompose_both: bool = False
+    """``lokr``: factorise the left Kronecker factor too (``decompose_both``)."""
+    oft_block_size: int = 32
+    """``oft``: the rotation blocks' size (``oft_block_size``), when ``oft_blocks`` is 0."""
+    oft_blocks: int = 0
+    """``oft``: number of blocks per layer (peft's ``r``); given (> 0), it decides the block size."""
+    block_share: bool = False
+    """``oft``: one rotation shared by every block (``block_share``; BOFT has no such option)."""
+    boft_block_size: int = 4
+    """``boft``: the butterfly blocks' size (``boft_block_size``), when ``boft_blocks`` is 0."""
+    boft_blocks: int = 0
+    """``boft``: number of blocks (``boft_block_num``); given (> 0), it decides the block size."""
+    boft_butterfly: int = 1
+    """``boft``: butterfly factor (``boft_n_butterfly_factor``; 1 is plain block-diagonal OFT)."""
+    adalora_allocator: bool = True
+    """``adalora``: the rank allocator runs (``update_and_allocate`` every step, as peft's docs say),
+    keeping three running statistics per adapter weight."""
 
     # --- precision and quantization ------------------------------------------------
     precision: str = "bf16"
@@ -206,7 +310,7 @@ class TrainingPlan:
         if isinstance(self.rank_pattern, Mapping):
             # Insertion order matters: peft uses the first pattern that matches.
             object.__setattr__(self, "rank_pattern", tuple(self.rank_pattern.items()))
-        for name in ("exclude", "target_parameters", "modules_to_save", "trainable", "rank_pattern"):
+        for name in _TUPLE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, (value,))
@@ -269,8 +373,9 @@ class TrainingPlan:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["rank_pattern"] = dict(self.rank_pattern)
-        for key in ("exclude", "target_parameters", "modules_to_save", "trainable"):
-            data[key] = list(data[key])
+        for key in _TUPLE_FIELDS:
+            if key != "rank_pattern" and data[key] is not None:
+                data[key] = list(data[key])
         if isinstance(self.targets, tuple):
             data["targets"] = list(self.targets)
         data["stack"] = dict(self.stack) if isinstance(self.stack, tuple) else self.stack
@@ -284,8 +389,12 @@ class TrainingPlan:
             raise PlanError(f"unknown training plan field(s): {', '.join(unknown)}")
         return cls(**dict(data))
 
-    def validate(self) -> None:
-        """Raise :class:`PlanError` for a plan that makes no sense on any model."""
+    def validate(self, spelling: Mapping[str, str] | None = None) -> None:
+        """Raise :class:`PlanError` for a plan that makes no sense on any model.
+
+        ``spelling``: how the caller names fields in messages (the CLI passes its flags, ``--init`` for
+        ``lora_init``); a field not in it is named as the field.
+        """
         from peftaudit.plugins import memory_methods
 
         methods = memory_methods()
@@ -333,6 +442,7 @@ class TrainingPlan:
             raise PlanError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.num_virtual_tokens < 1:
             raise PlanError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens!r}")
+        self._validate_method_options(spelling or {})
         if self.trainable_layers < 0:
             raise PlanError(f"trainable_layers must be >= 0, got {self.trainable_layers!r}")
         if not is_finite_number(self.cuda_context_bytes) or self.cuda_context_bytes < 0:
@@ -357,10 +467,77 @@ class TrainingPlan:
         if isinstance(self.targets, tuple) and not self.targets and not self.target_parameters:
             raise PlanError("targets is empty and no target_parameters were given: nothing would train")
 
+    def _validate_method_options(self, spelling: Mapping[str, str]) -> None:
+        _one_of("lora_init", self.lora_init, LORA_INITS)
+        _one_of("prompt_encoder", self.prompt_encoder, PROMPT_ENCODERS)
+        for name in ("bdlora_blocks", "encoder_layers", "boft_butterfly"):
+            _positive(name, getattr(self, name))
+        for name in ("trainable_tokens", "oft_block_size", "oft_blocks", "boft_block_size", "boft_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise PlanError(f"{name.replace('_', ' ')} must be a whole number >= 0, got {value!r}")
+        if self.encoder_hidden_size is not None:
+            _positive("encoder_hidden_size", self.encoder_hidden_size)
+        if not isinstance(self.lokr_factor, int) or isinstance(self.lokr_factor, bool) or self.lokr_factor in (0, 1):
+            raise PlanError(f"lokr factor must be -1 or an integer >= 2, got {self.lokr_factor!r}")
+        if self.lokr_factor < -1:
+            raise PlanError(f"lokr factor must be -1 or an integer >= 2, got {self.lokr_factor!r}")
+        if self.lora_plus_ratio is not None and not (
+            is_finite_number(self.lora_plus_ratio) and self.lora_plus_ratio > 0
+        ):
+            raise PlanError(f"LoRA+ ratio must be a positive finite number, got {self.lora_plus_ratio!r}")
+        for layer in self.layers_to_transform:
+            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+                raise PlanError(f"layers to transform must be layer indices >= 0, got {layer!r}")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise PlanError("layers_pattern needs layers_to_transform (peft reads it only to count layers)")
+        if self.oft_blocks == 0 and self.oft_block_size == 0:
+            raise PlanError("OFT needs a block size or a number of blocks; both are 0")
+        if self.boft_blocks == 0 and self.boft_block_size == 0:
+            raise PlanError("BOFT needs a block size or a number of blocks; both are 0")
+        if self.feedforward_modules is not None and isinstance(self.targets, tuple):
+            # peft's IA3Config.__post_init__ refuses this when both are lists.
+            outside = sorted(set(self.feedforward_modules) - set(self.targets))
+            if outside:
+                raise PlanError(f"IA3 feed-forward modules {outside} are not among the targets {list(self.targets)}")
+        overlap = set(self.bdlora_a) & set(self.bdlora_b)
+        if overlap:
+            raise PlanError(f"BD-LoRA modules {sorted(overlap)} cannot have both A and B block-diagonal")
+        # A method option given to a built-in method that ignores it is a mistake: say so, not ignore it.
+        if self.method not in _OPTION_CHECKED:
+            return
+        for name, readers in METHOD_OPTIONS.items():
+            if self.method not in readers and getattr(self, name) != _DEFAULTS[name]:
+                methods = ", ".join(readers[:-1]) + (" or " if len(readers) > 1 else "") + readers[-1]
+                raise PlanError(f"{spelling.get(name, name)} applies to {methods}, not {self.method}")
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PlanError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise PlanError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+_TUPLE_FIELDS = (
+    "exclude",
+    "target_parameters",
+    "modules_to_save",
+    "trainable",
+    "rank_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "bdlora_a",
+    "bdlora_b",
+    "feedforward_modules",
+)
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainingPlan)}
+_OPTION_CHECKED = frozenset({"full", "freeze", "prompt-tuning", "prefix-tuning", "p-tuning"}).union(
+    *METHOD_OPTIONS.values()
+)
 
 
 @dataclass(frozen=True)
@@ -379,11 +556,14 @@ __all__ = [
     "ATTENTIONS",
     "BASE_DTYPES",
     "LENGTHS",
+    "LORA_INITS",
     "LOSSES",
+    "METHOD_OPTIONS",
     "OFFLOADS",
     "OPTIMIZERS",
     "OPTIMIZER_IMPLS",
     "PRECISIONS",
+    "PROMPT_ENCODERS",
     "SHARDINGS",
     "PlanError",
     "PlanWarning",

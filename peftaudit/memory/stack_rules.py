@@ -56,6 +56,11 @@ in :data:`KV_EXPANDED_UNTIL_5`; SDPA attention, grouped-query models)
     soft-capping; 5.21 refuses SDPA for it and the step is eager's. -18 % on the traced Gemma-2-9B
     LoRA step at 4k tokens. The trace allows SDPA and ignores ``softcap`` as those releases did.
 
+``adalora-ranknum-frozen`` (peft < 0.21; AdaLoRA)
+    AdaLoRA's ``ranknum`` (a 1-element parameter per adapted module) stays frozen; 0.21 trains it, one
+    more trainable parameter per module (MetaMathQA's AdaLoRA run on peft 0.19 records 56 fewer on
+    Llama-3.2-3B than 0.21 builds). Counts only (:mod:`peftaudit.memory.adapters`).
+
 Measured and left without a rule (``benchmarks/results/stack_traces.md``): gradient checkpointing's
 reentrant default (transformers 4.x), the default attention implementation of the other text
 families (SDPA throughout), peft's fp32 adapters (``autocast_adapter_dtype``, since peft 0.12) and
@@ -266,6 +271,24 @@ GEMMA2_SDPA = StackRule(
     applies=_gemma2_sdpa,
 )
 
+
+def _adalora_ranknum_frozen(stack: SoftwareStack, inventory: Inventory, plan: TrainingPlan) -> bool:
+    return plan.method == "adalora" and stack.before("peft", "0.21")
+
+
+ADALORA_RANKNUM_FROZEN = StackRule(
+    name="adalora-ranknum-frozen",
+    summary="peft before 0.21 keeps AdaLoRA's ranknum (one value per adapted module) frozen; 0.21 trains it",
+    source="https://github.com/huggingface/peft/blob/v0.20.0/src/peft/tuners/tuners_utils.py "
+    "(BaseTuner._mark_only_adapters_as_trainable freezes every parameter whose name lacks the 'lora_' "
+    "prefix, ranknum included); https://github.com/huggingface/peft/pull/3490 (commit 4ddb88b4, after "
+    "v0.20.0) selects adapter parameters structurally and no longer freezes it: ranknum trains wherever "
+    "_move_adapter_to_device_of_base_layer copies it to the base layer's device or dtype (re-registered as a "
+    "new Parameter, requires_grad=True): a GPU or half-precision base",
+    applies=_adalora_ranknum_frozen,
+    traced=False,
+)
+
 #: Every rule, in the order they are applied.
 RULES: tuple[StackRule, ...] = (
     MOE_PER_EXPERT,
@@ -274,6 +297,7 @@ RULES: tuple[StackRule, ...] = (
     DORA_EYE_HELD,
     DORA_BASE_RECOMPUTED,
     GEMMA2_SDPA,
+    ADALORA_RANKNUM_FROZEN,
 )
 _BY_NAME = {rule.name: rule for rule in RULES}
 
@@ -634,6 +658,7 @@ def peft_converts_moe_targets(inventory: Inventory, plan: TrainingPlan) -> bool:
 
 
 __all__ = [
+    "ADALORA_RANKNUM_FROZEN",
     "DORA_BASE_RECOMPUTED",
     "DORA_EYE_HELD",
     "GEMMA2_SDPA",

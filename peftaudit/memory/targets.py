@@ -18,6 +18,7 @@ matching rules; this module adds what peft builds on them:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from peftaudit.matching import (
     saved,
     targets_match,
 )
+from peftaudit.memory.dtypes import nbytes
 from peftaudit.memory.plan import PlanError, TrainingPlan
 from peftaudit.memory.stack_rules import peft_converts_moe_targets
 
@@ -109,7 +111,8 @@ class ModuleAdapter:
     path: str
     """Module path in the base model (``model.layers.0.self_attn.q_proj``)."""
     kind: str
-    """``lora``, ``dora``, ``lora_embedding`` or ``ia3``."""
+    """``lora``, ``dora``, ``lora_embedding`` or ``ia3``; peft's other module adapters
+    (:mod:`peftaudit.memory.adapters`): ``adalora``, ``loha``, ``lokr``, ``vera``, ``oft``, ``boft``."""
     rank: int
     in_features: int
     out_features: int
@@ -120,21 +123,70 @@ class ModuleAdapter:
     """IA3: scale the input (feed-forward modules) instead of the output."""
     dora: bool = False
     """A DoRA embedding adapter (it has a magnitude vector too)."""
+    a_blocks: int = 1
+    """BD-LoRA: ``lora_A`` is block-diagonal with this many blocks, stored ``(r, in // a_blocks)``
+    (peft ``tuners/lora/variants.py:BlockDiagonalLinear``)."""
+    b_blocks: int = 1
+    """BD-LoRA: ``lora_B`` is block-diagonal, stored ``(out, r // b_blocks)`` (``BlockDiagonalLinear``'s
+    weight is ``(out_features, in_features // nblocks)`` with ``in_features`` = r)."""
+    train_b: bool = True
+    """``False`` under LoRA init ``mica``: ``lora_B`` is a frozen weight (stored, never trained)."""
+    shapes: tuple[tuple[int, ...], ...] = ()
+    """The trainable tensors' shapes, for the kinds whose shapes :mod:`peftaudit.memory.adapters` works
+    out (LoHa's four factors, LoKr's Kronecker factors, OFT's and BOFT's rotations...); empty for the
+    LoRA family and IA3, whose shapes follow from the fields above."""
+    buffers: tuple[tuple[tuple[int, ...], str], ...] = ()
+    """Buffers the adapter adds to its module, as ``(shape, dtype)`` (OFT's ``rows``/``cols`` int64
+    index buffers, BOFT's fp32 permutations ``boft_P``): stored on the GPU, never trained."""
+
+    def tensors(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the trainable tensors peft creates for this adapter (one gradient and one set of
+        optimizer states each)."""
+        if self.shapes:
+            return self.shapes
+        if self.kind == "ia3":
+            return ((self.in_features if self.feedforward else self.out_features,),)
+        r = self.rank * self.num_experts
+        out: list[tuple[int, ...]] = [(r, self.in_features // self.a_blocks)]
+        if self.train_b:
+            out.append(self._lora_b())
+        if self.kind == "dora" or self.dora:
+            out.append((self.out_features,))  # lora_magnitude_vector
+        return tuple(out)
+
+    def frozen_tensors(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of adapter weights peft creates but does not train (``lora_B`` under ``mica``)."""
+        if self.shapes or self.kind == "ia3" or self.train_b:
+            return ()
+        return (self._lora_b(),)
+
+    def _lora_b(self) -> tuple[int, int]:
+        return (self.out_features, self.rank * self.num_experts // self.b_blocks)
 
     @property
     def params(self) -> int:
         """Trainable parameters this adapter adds, exactly as peft allocates them."""
-        if self.kind == "ia3":
-            return self.in_features if self.feedforward else self.out_features
-        count = self.rank * self.num_experts * (self.in_features + self.out_features)
-        if self.kind == "dora" or self.dora:
-            count += self.out_features  # lora_magnitude_vector
-        return count
+        return sum(math.prod(shape) for shape in self.tensors())
+
+    @property
+    def frozen_params(self) -> int:
+        """Adapter weights that do not train (:meth:`frozen_tensors`)."""
+        return sum(math.prod(shape) for shape in self.frozen_tensors())
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the buffers this adapter adds to its module (:attr:`buffers`)."""
+        return buffers_bytes(self.buffers)
 
     @property
     def layer_key(self) -> str:
         """The path with the layer index replaced by ``*``, to group identical layers."""
         return re.sub(r"\.\d+\.", ".*.", self.path, count=1)
+
+
+def buffers_bytes(buffers: Iterable[tuple[tuple[int, ...], str]]) -> int:
+    """Bytes of buffers given as ``(shape, dtype)`` pairs (``fp32``, ``bf16``, ``fp16``, ``int64``...)."""
+    return sum(math.prod(shape) * nbytes(dtype) for shape, dtype in buffers)
 
 
 @dataclass(frozen=True)
@@ -148,11 +200,23 @@ class SavedModule:
 def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora") -> tuple[ModuleAdapter, ...]:
     """The adapters ``get_peft_model(model, LoraConfig(...))`` creates for ``plan``.
 
+    Besides the targets: ``layers_to_transform``/``layers_pattern`` keep the adapters of some
+    layers (:func:`peftaudit.matching.module_targeted`); BD-LoRA (``bdlora_a``/``bdlora_b``,
+    peft's ``use_bdlora``) makes ``lora_A`` or ``lora_B`` block-diagonal on the modules whose path
+    contains one of the names (``BdLoraLinearVariant.init``: ``pattern in target_name``); the
+    ``mica`` init freezes ``lora_B`` (``MiCALinearVariant``/``MiCAEmbeddingVariant``).
+
     Raises :class:`PlanError` when a target matches nothing or matches a module
-    LoRA cannot wrap, as peft does.
+    LoRA cannot wrap, or for an option peft refuses on it, as peft does.
     """
     targets: str | tuple[str, ...] = plan.targets
     model_type = inventory.model_type or ""
+    if plan.layers_to_transform and isinstance(targets, str) and targets != "default":
+        # LoraConfig.__post_init__ refuses it: peft filters layers of name lists only.
+        raise PlanError(
+            "peft refuses layers_to_transform with targets given as one string ('all-linear' or a regular "
+            "expression); give the targets as names"
+        )
     if targets == "default":
         if model_type not in DEFAULT_LORA_TARGETS:
             raise PlanError(f"peft has no default LoRA targets for model type '{model_type}'; give --targets")
@@ -173,9 +237,26 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
             inventory, names, target_parameters, rank_pattern, base, plan
         )
 
+    # A LoRA variant (peft's LoraVariant): BD-LoRA or MiCA. peft finds no variant class for them
+    # combined with DoRA, on an embedding, or on a parameter, and refuses.
+    bdlora = bool(plan.bdlora_a or plan.bdlora_b)
+    variant = "BD-LoRA" if bdlora else "the mica init" if plan.lora_init == "mica" else None
+    if bdlora and plan.lora_init == "mica":
+        raise PlanError("peft has no LoRA variant combining BD-LoRA and the mica init; use one or the other")
+    if variant is not None and kind == "dora":
+        raise PlanError(f"peft has no DoRA variant with {variant}; use one or the other")
+    layers = plan.layers_to_transform or None
+    pattern = plan.layers_pattern or None
     adapters: list[ModuleAdapter] = []
     for path, module in modules.items():
-        if not module_targeted(path, names, exclude=plan.exclude, modules_to_save=plan.modules_to_save):
+        if not module_targeted(
+            path,
+            names,
+            exclude=plan.exclude,
+            modules_to_save=plan.modules_to_save,
+            layers_to_transform=layers,
+            layers_pattern=pattern,
+        ):
             continue
         # Subclasses of nn.Linear (Falcon's FalconLinear) are linear to peft too.
         if not module.is_linear and module.type not in _LORA_MODULE_TYPES:
@@ -184,16 +265,26 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
                 "modules only (give the module's linear children instead)"
             )
         r = pattern_value(rank_pattern, path, plan.rank)
+        train_b = plan.lora_init != "mica"
         if module.type == "Embedding":
+            if bdlora:
+                raise PlanError(f"peft's BD-LoRA wraps linear layers only; target '{path}' is an embedding")
             num, dim = _embedding_shape(inventory, path)
-            adapters.append(ModuleAdapter(path, "lora_embedding", r, num, dim, dora=kind == "dora"))
+            _check_mica(plan, path, r, num, dim)
+            adapters.append(ModuleAdapter(path, "lora_embedding", r, num, dim, dora=kind == "dora", train_b=train_b))
             continue
         in_f, out_f = module.in_features or 0, module.out_features or 0
-        adapters.append(ModuleAdapter(path, kind, r, in_f, out_f))
+        _check_mica(plan, path, r, in_f, out_f)
+        a_blocks, b_blocks = _bdlora_blocks(plan, path, r, in_f, out_f)
+        adapters.append(
+            ModuleAdapter(path, kind, r, in_f, out_f, a_blocks=a_blocks, b_blocks=b_blocks, train_b=train_b)
+        )
 
     if target_parameters:
         if kind == "dora":
             raise PlanError("DoRA cannot adapt parameters directly (peft's ParamWrapper); drop target_parameters")
+        if variant is not None:
+            raise PlanError(f"peft cannot adapt parameters directly (ParamWrapper) with {variant}")
         if plan.dropout > 0:
             raise PlanError("peft's target_parameters do not support LoRA dropout; set dropout to 0")
         found = _param_adapters(inventory, target_parameters, rank_pattern, plan.rank)
@@ -210,6 +301,7 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
     if not adapters:
         raise PlanError(
             f"LoRA targets {_describe(plan.targets)} match no module of this {inventory.architecture}"
+            + (f" in layers {list(plan.layers_to_transform)}" if plan.layers_to_transform else "")
             + (
                 f" (and target_parameters {list(plan.target_parameters)} no parameter)"
                 if plan.target_parameters
@@ -219,15 +311,56 @@ def lora_adapters(inventory: Inventory, plan: TrainingPlan, *, kind: str = "lora
     return tuple(adapters)
 
 
+def _bdlora_blocks(plan: TrainingPlan, path: str, rank: int, in_f: int, out_f: int) -> tuple[int, int]:
+    """``(a_blocks, b_blocks)`` of a linear adapter under BD-LoRA (1, 1 without it).
+
+    peft matches each name as a substring of the module's full path. Under its default
+    ``match_strict`` a target matching neither list is refused; a plan cannot say whether the config
+    was strict, so such a target gets a plain LoRA, which is what a lenient config builds.
+    """
+    in_a = any(name in path for name in plan.bdlora_a)
+    in_b = any(name in path for name in plan.bdlora_b)
+    if in_a and in_b:
+        raise PlanError(f"BD-LoRA: target '{path}' matches both the block-diagonal A and B names")
+    if not (in_a or in_b):
+        return 1, 1
+    n = plan.bdlora_blocks
+    # BlockDiagonalLinear(in, out, nblocks) needs both sides divisible by nblocks.
+    sides = (in_f, rank) if in_a else (rank, out_f)
+    if any(side % n for side in sides):
+        factor = "lora_A" if in_a else "lora_B"
+        raise PlanError(
+            f"BD-LoRA: {factor} of '{path}' is {sides[0]} x {sides[1]} (in x out), not divisible into {n} blocks"
+        )
+    return (n, 1) if in_a else (1, n)
+
+
+def _check_mica(plan: TrainingPlan, path: str, rank: int, in_f: int, out_f: int) -> None:
+    # MiCA takes the last r left singular vectors of the base weight (layer.py mica_init).
+    if plan.lora_init == "mica" and rank > min(in_f, out_f):
+        raise PlanError(f"the mica init needs rank <= min(in, out); '{path}' is {in_f} x {out_f}, rank {rank}")
+
+
 def ia3_adapters(inventory: Inventory, plan: TrainingPlan) -> tuple[ModuleAdapter, ...]:
-    """IA3 scaling vectors on peft's default IA3 targets (or ``plan.targets`` when given as names)."""
+    """IA3 scaling vectors on peft's default IA3 targets (or ``plan.targets`` when given as names); inputs
+    scaled on the feed-forward ones (``plan.feedforward_modules``, else peft's default for the architecture)."""
     model_type = inventory.model_type or ""
+    defaults = DEFAULT_IA3_TARGETS.get(model_type)
     if plan.targets == "default" or is_all_linear(plan.targets) or not isinstance(plan.targets, tuple):
-        if model_type not in DEFAULT_IA3_TARGETS:
+        if defaults is None:
             raise PlanError(f"peft has no default IA3 targets for model type '{model_type}'; give --targets")
-        names, feedforward = DEFAULT_IA3_TARGETS[model_type]
+        names: tuple[str, ...] = defaults[0]
     else:
-        names, feedforward = plan.targets, ()
+        names = plan.targets
+    # peft's _prepare_adapter_config: feed-forward modules not given are the architecture's default.
+    if plan.feedforward_modules is not None:
+        feedforward = plan.feedforward_modules
+    elif defaults is None:
+        raise PlanError(
+            f"peft has no default IA3 feed-forward modules for model type '{model_type}'; give --feedforward-modules"
+        )
+    else:
+        feedforward = defaults[1]
     adapters = []
     for module in inventory.modules:
         if not module.path or not module.is_linear:

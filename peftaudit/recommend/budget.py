@@ -122,23 +122,30 @@ def fit_budget(
     """The cheapest change that makes ``recipe`` fit ``budget_bytes``, tried in order of cost to quality.
 
     Each of ``methods`` (LoRA, then QLoRA with a 4-bit base) without and with
-    gradient checkpointing; then halving the rank down to :data:`MIN_BUDGET_RANK`. The
+    gradient checkpointing (without only, where the model cannot checkpoint: ConvNeXt, said in a
+    reason); then halving the rank down to :data:`MIN_BUDGET_RANK`. The
     first that fits wins. Returns the (possibly changed) recipe, the fit (``None``
     when the estimator cannot estimate this model) and the reasons.
     """
+    from peftaudit.memory.checkpointing import checkpointing_refused
+
+    refused = checkpointing_refused(inventory, training_plan(recipe, replace(micro_batch, gradient_checkpointing=True)))
+    checkpoint = refused is None
+    skipped = () if checkpoint else (Reason("budget.no-checkpointing", f"gradient checkpointing not tried: {refused}"),)
     tries: list[tuple[str, LoraRecipe, bool]] = []
     for method in methods:
         variant = replace(recipe, quantization="nf4" if method == "qlora" else None)
         name = "QLoRA (nf4)" if method == "qlora" else "LoRA"
-        tries += [(name, variant, False), (f"{name} + gradient checkpointing", variant, True)]
+        tries.append((name, variant, False))
+        if checkpoint:
+            tries.append((f"{name} + gradient checkpointing", variant, True))
     methods_only = len(tries)
     base = tries[-1][1]
     rank = recipe.hyper.rank // 2
     while rank >= MIN_BUDGET_RANK:
         hyper = hyperparameters_at(inventory, selection, rank, dropout=recipe.hyper.dropout)
-        tries.append(
-            (f"{'QLoRA' if base.quantization else 'LoRA'} rank {rank} + checkpointing", base.with_hyper(hyper), True)
-        )
+        label = f"{'QLoRA' if base.quantization else 'LoRA'} rank {rank}" + (" + checkpointing" if checkpoint else "")
+        tries.append((label, base.with_hyper(hyper), checkpoint))
         rank //= 2
 
     tried: list[tuple[str, int]] = []
@@ -156,12 +163,13 @@ def fit_budget(
             fit = BudgetFit(
                 budget_bytes, gpu, True, candidate.method, checkpointing, candidate.hyper.rank, peak, tuple(tried)
             )
-            return candidate, fit, (_fit_reason(fit, first=len(tried) == 1),)
+            first = len(tried) == 1  # then checkpointing was not needed: nothing to say about skipping it
+            return candidate, fit, (_fit_reason(fit, first=first), *(() if first else skipped))
     # Nothing fits: keep the recommended rank (a lower one did not help) on the cheapest method.
-    final = replace(tries[methods_only - 1][1], gradient_checkpointing=True)
+    final = replace(tries[methods_only - 1][1], gradient_checkpointing=checkpoint)
     peak = tried[methods_only - 1][1]
-    fit = BudgetFit(budget_bytes, gpu, False, final.method, True, final.hyper.rank, peak, tuple(tried))
-    return final, fit, (_fit_reason(fit, first=False),)
+    fit = BudgetFit(budget_bytes, gpu, False, final.method, checkpoint, final.hyper.rank, peak, tuple(tried))
+    return final, fit, (_fit_reason(fit, first=False), *skipped)
 
 
 def _fit_reason(fit: BudgetFit, *, first: bool) -> Reason:
@@ -171,8 +179,8 @@ def _fit_reason(fit: BudgetFit, *, first: bool) -> Reason:
         return Reason(
             "budget.no-fit",
             f"nothing tried fits {where}: even {cheapest[0]} peaks at {_gib(cheapest[1])}. Kept rank "
-            f"{fit.rank} with {fit.method} and gradient checkpointing; use more GPUs (sharding), shorter "
-            "sequences, or a smaller model",
+            f"{fit.rank} with {fit.method}{' and gradient checkpointing' if fit.gradient_checkpointing else ''}; "
+            "use more GPUs (sharding), shorter sequences, or a smaller model",
         )
     if first:
         return Reason("budget.fits", f"{fit.tried[0][0]} as recommended peaks at {_gib(fit.peak_bytes)}: fits {where}")

@@ -3,6 +3,11 @@
 peft saves ``base_model.model.<module>.lora_A.weight`` (the adapter name
 dropped), ``lora_embedding_A`` without ``.weight``, and full copies of
 ``modules_to_save`` modules and trained biases under their base names.
+Other methods save their own tensors the same way (``...q_proj.hada_w1_a``,
+``...q_proj.oft_R.weight``), shared ones at the model level
+(``base_model.vera_A``), and prompt learning ``prompt_embeddings``; which
+names are an adapter's own comes from peft's tuner classes
+(:mod:`peft_names`).
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ from typing import Any
 
 from peftaudit.verification.causes import Cause
 from peftaudit.verification.compare import compare, nonfinite_count
+from peftaudit.verification.errors import CheckpointError
 from peftaudit.verification.expectations import Expectations, Pattern
 from peftaudit.verification.lora_config import LoraSettings
+from peftaudit.verification.peft_names import PeftNames, peft_names
 from peftaudit.verification.snapshots import Snapshot
 from peftaudit.verification.verdict import Finding, Problem, Verdict, severity_for
 
 _PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.*)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$")
-#: Adapter-only tensors: they have no counterpart in the base model.
-_ADAPTER_ONLY = re.compile(r"\.(lora_magnitude_vector|lora_[A-Z]\w*|trainable_tokens_delta)(\.|$)")
+#: VB-LoRA with ``save_only_topk_weights`` saves ``vblora_logits_A_topk_indices`` / ``_topk_weights``
+#: (``VBLoRAModel._get_adapter_state_dict``) instead of the trained logits: derived from them.
+_TOPK = re.compile(r"^(?P<name>\w+)_topk_(indices|weights)$")
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,19 @@ class AdapterLayout:
     pairs: tuple[LoraPair, ...]
     #: Adapter key -> base tensor name, for full copies (modules_to_save, biases).
     copies: Mapping[str, str]
-    #: Adapter-only tensors with no base counterpart (DoRA magnitudes, trainable-token deltas).
+    #: Trained adapter-only tensors with no base counterpart (LoHa/LoKr factors, VeRA
+    #: scales, OFT/BOFT rotations, AdaLoRA's lora_E, IA3 vectors, DoRA magnitudes,
+    #: prompt embeddings, trainable-token deltas).
     extras: tuple[str, ...]
+    #: Adapter-only tensors training never changes (VeRA's saved projections ``vera_A``/``vera_B``).
+    fixed: tuple[str, ...] = ()
+    #: Adapter-only tensors saved in place of trained ones, derived from them (VB-LoRA's top-k).
+    derived: tuple[str, ...] = ()
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """Every tensor training must change: both factors of each LoRA pair, then the extras."""
+        return (*[key for pair in self.pairs for key in (pair.a, pair.b)], *self.extras)
 
 
 def base_module(path: str) -> str:
@@ -52,11 +71,43 @@ def base_module(path: str) -> str:
     return path.removeprefix(_PREFIX).replace(".base_layer", "")
 
 
+def adapter_part(name: str, names: PeftNames | None = None) -> tuple[int, str] | None:
+    """Where ``name`` names a peft adapter's own tensor: (index of that dotted part, "trained"/"fixed"/"derived").
+
+    None for a copy of a base tensor (``modules_to_save``, a bias). The first part
+    that is a tuner's attribute (``lora_A``, ``hada_w1_a``, ``vera_A``) or a prompt
+    learning name decides.
+    """
+    names = names or peft_names()
+    for index, part in enumerate(name.split(".")):
+        if part in names.trained:
+            return index, "trained"
+        if part in names.fixed:
+            return index, "fixed"
+        topk = _TOPK.match(part)
+        if topk and topk["name"] in names.trained:
+            return index, "derived"
+    return None
+
+
+def adapter_module(name: str, names: PeftNames | None = None) -> str | None:
+    """The base module an adapter tensor belongs to (``...q_proj.hada_w1_a`` -> ``x.q_proj``).
+
+    None for model-level tensors (``base_model.vera_A``, ``prompt_embeddings``) and copies.
+    """
+    found = adapter_part(name, names)
+    parts = name.split(".")
+    if found is None or found[0] <= 2 or parts[:2] != ["base_model", "model"]:
+        return None
+    return base_module(".".join(parts[: found[0]]))
+
+
 def read_layout(names: Sequence[str]) -> AdapterLayout:
     """Classify a saved adapter's keys."""
+    known = peft_names()
     factors: dict[tuple[str, bool], dict[str, str]] = {}
     copies: dict[str, str] = {}
-    extras: list[str] = []
+    sorted_keys: dict[str, list[str]] = {"trained": [], "fixed": [], "derived": []}
     for name in names:
         match = _LORA.match(name)
         if match:
@@ -64,17 +115,39 @@ def read_layout(names: Sequence[str]) -> AdapterLayout:
             # Nested wrappers (MoE experts) keep their own path, so each pairs with its own factor.
             factors.setdefault((match["module"], kind.startswith("lora_embedding")), {})[kind[-1]] = name
             continue
-        if _ADAPTER_ONLY.search(name):
-            extras.append(name)
+        found = adapter_part(name, known)
+        if found is not None:
+            sorted_keys[found[1]].append(name)
             continue
         copies[name] = base_module(name)
     pairs = []
+    extras = sorted_keys["trained"]
     for (path, embedding), parts in factors.items():
         if "A" in parts and "B" in parts:
             pairs.append(LoraPair(base_module(path), parts["A"], parts["B"], embedding))
         else:
             extras.extend(parts.values())
-    return AdapterLayout(tuple(pairs), copies, tuple(extras))
+    return AdapterLayout(
+        tuple(pairs), copies, tuple(extras), tuple(sorted_keys["fixed"]), tuple(sorted_keys["derived"])
+    )
+
+
+def _is_mica(lora: LoraSettings) -> bool:
+    """MiCA (``init_lora_weights="mica"``) freezes lora_B and trains lora_A from zero (peft's ``MiCALinearVariant``)."""
+    init = lora.init_lora_weights
+    return isinstance(init, str) and init.lower() == "mica"
+
+
+def zero_at_init(pair: LoraPair, layout: AdapterLayout, lora: LoraSettings) -> str:
+    """The factor of ``pair`` peft initialises to zero, so that it stays zero until trained.
+
+    ``lora_B`` for LoRA; ``lora_embedding_A`` for embeddings; ``lora_A`` under MiCA;
+    AdaLoRA's ``lora_E`` (its A and B start random).
+    """
+    if pair.embedding or _is_mica(lora):
+        return pair.a
+    singular = pair.a.rsplit("lora_A", 1)[0] + "lora_E"
+    return singular if singular in layout.extras else pair.b
 
 
 def _in_base(name: str, base: Snapshot) -> str | None:
@@ -124,7 +197,8 @@ def copy_role(base_name: str, lora: LoraSettings) -> str:
     """Why an adapter holds a full copy of a base tensor: "modules_to_save", "bias", or ""."""
     if lora.module_matches(base_name.rsplit(".", 1)[0]):
         return "modules_to_save"
-    if base_name.endswith(".bias") and lora.bias in ("all", "lora_only"):
+    # "lora_only", and the other methods' own: "boft_only", "vera_only", ... (peft's _get_learnable_bias_state_dict)
+    if base_name.endswith(".bias") and (lora.bias == "all" or lora.bias.endswith("_only")):
         return "bias"
     return ""
 
@@ -137,6 +211,9 @@ def rank_mismatch(pair: LoraPair, adapter: Snapshot, target: str | None, base: S
     cannot be what the config describes. Fused expert tensors (3-D targets)
     stack one factor per expert and are left to the shape check.
     """
+    if lora.peft_type != "LORA":
+        # AdaLoRA: factors of init_r rows, cut to each module's kept rank when saved.
+        return ""
     if target is not None and len(base[target].shape) > 2:
         return ""
     rows = adapter[pair.a].shape[0] if adapter[pair.a].shape else 0
@@ -160,14 +237,22 @@ def audit_adapter(
 
     Every LoRA pair must target a base tensor of matching shape and must have
     moved (``lora_B`` not zero, not empty, finite) and have the rank the
-    config gives it; a full copy of a base tensor must differ from the base
-    if it was trained on purpose, and must be one the config (or an
-    ``--expect``/``--allow`` pattern) says to save. ``lora`` is the adapter's
-    config, read by :func:`read_lora_settings`.
+    config gives it; every other trained adapter tensor (LoHa, LoKr, VeRA,
+    OFT, BOFT, AdaLoRA, IA3, prompt learning, ...) must belong to a module
+    the base has, and must not be empty or still all zeros (the factor peft
+    starts at zero, so that the adapter starts as a no-op). A full copy of a
+    base tensor must differ from the base if it was trained on purpose, and
+    must be one the config (or an ``--expect``/``--allow`` pattern) says to
+    save. Tensors training never changes (VeRA's saved projections) are
+    neither. ``lora`` is the adapter's config, read by :func:`read_lora_settings`.
     """
     layout = read_layout([t.name for t in adapter])
     findings: list[Finding] = []
     patterns = tuple(must) + tuple(may)
+    config = adapter.adapter_config or {}
+    # AdaLoRA's allocator prunes ranks; with a rank_pattern peft saves each module cut to its kept rank,
+    # which may be none (AdaLoraModel.resize_state_dict_by_rank_pattern).
+    pruned = lora.peft_type == "ADALORA" and bool(config.get("rank_pattern"))
 
     def add(problem: Problem, name: str, message: str, cause: Cause | None = None, **kw: Any) -> None:
         findings.append(Finding(problem, name, severity_for(cause, tolerate), message, cause, **kw))
@@ -176,6 +261,7 @@ def audit_adapter(
         return any(p.matches(name) for p in patterns) if patterns else None
 
     intended = intended_changed = compared = changed = 0
+    zero_factors = set()
     for pair in layout.pairs:
         a, b = adapter[pair.a], adapter[pair.b]
         for key in (pair.a, pair.b):
@@ -194,14 +280,38 @@ def audit_adapter(
         mismatch = rank_mismatch(pair, adapter, target, base, lora)
         if mismatch:
             add(Problem.RESHAPED, pair.a, mismatch)
+        zero = zero_at_init(pair, layout, lora)
+        zero_factors.add(zero)
         if a.numel == 0 or b.numel == 0:
-            empty = pair.a if a.numel == 0 else pair.b
-            add(Problem.UNCHANGED, empty, "expected to change but is empty", Cause.EMPTY_TENSOR)
-        elif b.is_zero:
-            add(Problem.UNCHANGED, pair.b, "expected to change but is still all zeros", Cause.LORA_B_ZERO)
+            if pruned:
+                intended -= 1  # the allocator kept no rank of this module
+            else:
+                empty = pair.a if a.numel == 0 else pair.b
+                add(Problem.UNCHANGED, empty, "expected to change but is empty", Cause.EMPTY_TENSOR)
+        elif adapter[zero].is_zero and adapter[zero].numel:
+            cause = Cause.LORA_B_ZERO if zero == pair.b else None
+            add(Problem.UNCHANGED, zero, _STILL_ZERO, cause)
         else:
             intended_changed += 1
-    for key in (*[p.a for p in layout.pairs], *[p.b for p in layout.pairs], *layout.copies, *layout.extras):
+    base_modules = {fp.name.rsplit(".", 1)[0] for fp in base if "." in fp.name}
+    for key in layout.extras:
+        saved = adapter[key]
+        if key in zero_factors:
+            continue  # AdaLoRA's lora_E: judged with its pair
+        intended += 1
+        module = adapter_module(key)
+        if module is not None and not _module_in_base(module, base_modules):
+            add(Problem.ADDED, key, f"targets {module}, which the base model does not have")
+        if saved.numel == 0:
+            if pruned:
+                intended -= 1
+            else:
+                add(Problem.UNCHANGED, key, "expected to change but is empty", Cause.EMPTY_TENSOR)
+        elif saved.is_zero:
+            add(Problem.UNCHANGED, key, _STILL_ZERO)
+        else:
+            intended_changed += 1
+    for key in (*layout.trained, *layout.copies, *layout.fixed, *layout.derived):
         count = nonfinite_count(adapter[key], adapter.values)
         if count:
             add(Problem.NONFINITE, key, f"{count} NaN/Inf elements")
@@ -238,7 +348,8 @@ def audit_adapter(
         )
         cause = Cause.TRAINED_BIAS if base_name.endswith(".bias") else Cause.LEFT_TRAINABLE
         add(Problem.UNEXPECTED_CHANGE, key, f"adapter saves a trained copy of {base_name}", cause, size=cmp.size)
-    for key in layout.extras:
+    # Fixed tensors are saved by peft whatever was trained: patterns do not have to name them.
+    for key in (*layout.extras, *layout.derived):
         if expected(key) is False:
             add(Problem.ADDED, key, "adapter tensor matches no --expect/--allow pattern")
     for pattern in must:
@@ -256,12 +367,37 @@ def audit_adapter(
     )
 
 
+#: An adapter tensor peft initialises to zero (so that the adapter starts as a no-op) that is zero still.
+_STILL_ZERO = "expected to change but is still all zeros: peft starts it at zero, so the adapter was never trained"
+
+
+def _module_in_base(module: str, base_modules: set[str]) -> bool:
+    """Whether the base holds tensors of ``module`` or of a module above it.
+
+    Above it: a wrapper peft inserts keeps its own part (LoRA's trainable tokens
+    live in ``embed_tokens.token_adapter``); a task model nests the bare base
+    under a prefix (see :func:`_in_base`).
+    """
+    for candidate in (module, module.partition(".")[2]):
+        parts = candidate.split(".")
+        if any(".".join(parts[:end]) in base_modules for end in range(len(parts), 0, -1)):
+            return True
+    return False
+
+
 def adapter_expectations(adapter: Snapshot) -> Expectations:
-    """Between two saves of one adapter: its LoRA factors must change, its saved copies may."""
+    """Between two saves of one adapter: its trained tensors must change, its saved copies may.
+
+    Tensors training never changes (VeRA's projections, MiCA's frozen lora_B)
+    are frozen: they must be bit-for-bit the same in both saves.
+    """
     layout = read_layout([t.name for t in adapter])
-    factors = {name for pair in layout.pairs for name in (pair.a, pair.b)}
+    must = set(layout.trained)
+    init = (adapter.adapter_config or {}).get("init_lora_weights")
+    if isinstance(init, str) and init.lower() == "mica":
+        must -= {pair.b for pair in layout.pairs}
     return Expectations(
-        must=frozenset(factors), may=frozenset(layout.copies) | frozenset(layout.extras), origin=("adapter",)
+        must=frozenset(must), may=frozenset(layout.copies) | frozenset(layout.derived), origin=("adapter",)
     )
 
 
@@ -285,6 +421,11 @@ class MergePlan:
 
 def merged_expectations(base: Snapshot, adapter: Snapshot, lora: LoraSettings) -> MergePlan:
     """What a merge of ``adapter`` into ``base`` may change: its targets and its saved copies."""
+    if lora.peft_type != "LORA":
+        raise CheckpointError(
+            f"{lora.where}: peft_type {lora.peft_type!r}: a merged model is checked against LoRA adapters only "
+            "(its rank and scale checks are LoRA's); audit the adapter itself with verify(base, adapter=...)"
+        )
     layout = read_layout([t.name for t in adapter])
     targets: dict[str, LoraPair] = {}
     unresolved = []

@@ -155,8 +155,13 @@ def from_model(model: torch.nn.Module) -> Expectations:
     For a PeftModel: the active adapters' weights and ``modules_to_save``
     copies must change, biases may change when the config trains them
     (``bias="all"`` or ``"lora_only"``), everything else is frozen. Inactive
-    adapters are frozen. For any other module: trainable parameters may
-    change and the rest is frozen.
+    adapters are frozen. The adapter weights are what each tuner layer
+    declares in ``adapter_layer_names`` (LoRA, LoHa, LoKr, VeRA, OFT, BOFT,
+    AdaLoRA, IA3, trainable tokens, ... alike) plus the prompt encoder of
+    prompt learning; what a tuner keeps fixed (``other_param_names``: VeRA's
+    projections, AdaLoRA's ``ranknum``) and weights a variant freezes by
+    design (``frozen_peft_weight_names``: MiCA's ``lora_B``) are frozen. For
+    any other module: trainable parameters may change and the rest is frozen.
     """
     config = getattr(model, "peft_config", None)
     if not isinstance(config, Mapping) or not config:
@@ -175,12 +180,15 @@ def from_model(model: torch.nn.Module) -> Expectations:
         active_all |= active
         if hasattr(module, "base_layer"):
             targets.add(module_name)
+        # Weights a variant keeps frozen by design (MiCA's lora_B, peft >= 0.21): not expected to change.
+        frozen = getattr(module, "frozen_peft_weight_names", None) or {}
         for attr in layer_names:
             holder = _get_path(module, attr)
             if holder is None:
                 continue
             for pname, _ in holder.named_parameters(remove_duplicate=False):
-                if pname.split(".", 1)[0] in active:
+                adapter = pname.split(".", 1)[0]
+                if adapter in active and attr not in frozen.get(adapter, ()):
                     must.add(f"{prefix}{attr}.{pname}")
     prompt = getattr(model, "prompt_encoder", None)
     if prompt is not None:

@@ -61,6 +61,8 @@ class LoraSettings:
     modules_to_save: tuple[str, ...] | str | None = None
     init_lora_weights: bool | str = True
     defaults: tuple[str, ...] = ()
+    #: The file's ``peft_type``; for other methods than LoRA only the fields they share are read.
+    peft_type: str = "LORA"
 
     @property
     def origin(self) -> str:
@@ -137,8 +139,10 @@ def read_lora_settings(config: Any, where: str) -> LoraSettings:
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where}: adapter config is not a JSON object")
     peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise CheckpointError(f"{where}: peft_type {peft_type!r} is not a peft method name")
     if peft_type != "LORA":
-        raise CheckpointError(f"{where}: peft_type {peft_type!r}: verify --adapter checks LoRA adapters only")
+        return _other_method(config, where, peft_type)
     defaults = tuple(key for key in ("r", "lora_alpha") if key not in config)
     return LoraSettings(
         where=where,
@@ -153,6 +157,24 @@ def read_lora_settings(config: Any, where: str) -> LoraSettings:
         modules_to_save=_module_names(config.get("modules_to_save"), where),
         init_lora_weights=_init(config.get("init_lora_weights", True), where),
         defaults=defaults,
+    )
+
+
+def _other_method(config: Mapping[str, Any], where: str, peft_type: str) -> LoraSettings:
+    """Another peft method (LoHa, VeRA, AdaLoRA, prompt tuning, ...): the fields an audit uses.
+
+    Their ``bias`` modes are named after the method (``"boft_only"``, ``"vera_only"``);
+    AdaLoRA's ``rank_pattern`` holds rank masks, not ranks, and is not read.
+    """
+    bias = config.get("bias")
+    if bias is not None and (not isinstance(bias, str) or not (bias in ("none", "all") or bias.endswith("_only"))):
+        raise CheckpointError(f"{where}: bias {bias!r} is not one of none, all, <method>_only")
+    return LoraSettings(
+        where=where,
+        bias=str(bias or "none"),
+        modules_to_save=_module_names(config.get("modules_to_save"), where),
+        init_lora_weights=_init(config.get("init_lora_weights", True), where),
+        peft_type=peft_type,
     )
 
 

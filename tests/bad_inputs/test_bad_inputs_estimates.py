@@ -393,7 +393,43 @@ ISSUE_14_STACK = [
     ),
 ]
 
-CASES = [*ITEM_13, *ITEM_14, *ITEM_16, *ISSUE_13_IMAGES, *ISSUE_14_STACK]
+
+def _adapter_config(name: str, data: dict[str, Any]) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / name).mkdir()
+        (tmp / name / "adapter_config.json").write_text(json.dumps(data))
+
+    return setup
+
+
+# Issue 16: peft's other methods' options and --peft-config, refused where they are typed.
+ISSUE_16_METHODS = [
+    Case(
+        "16.option-of-another-method",
+        ["fit", "gpt2", "--gpu", "H100", "--prefix-projection"],
+        stderr=r"--prefix-projection applies to prefix-tuning, not lora",
+    ),
+    Case("16.layers-backwards", ["report", "gpt2", "--method", "lora", "--layers", "5-2"], stderr=r"runs backwards"),
+    Case(
+        "16.peft-config-missing",
+        ["report", "gpt2", "--peft-config", "{tmp}/nowhere"],
+        stderr=r"nowhere",
+    ),
+    Case(
+        "16.peft-config-unknown-type",
+        ["gpus", "gpt2", "--peft-config", "{tmp}/adapter"],
+        setup=_adapter_config("adapter", {"peft_type": "FOURIERFT", "n_frequency": 1000}),
+        stderr=r"peft type FOURIERFT is not modelled; supported: .*LORA",
+    ),
+    Case(
+        "16.peft-config-and-method",
+        ["report", "gpt2", "--method", "qlora", "--peft-config", "{tmp}/adapter"],
+        setup=_adapter_config("adapter", {"peft_type": "LORA", "r": 8, "target_modules": ["c_attn"]}),
+        stderr=r"give --peft-config or --method, not both",
+    ),
+]
+
+CASES = [*ITEM_13, *ITEM_14, *ITEM_16, *ISSUE_13_IMAGES, *ISSUE_14_STACK, *ISSUE_16_METHODS]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import subprocess
 import sys
 
 import pytest
 
 from peftaudit.memory import PlanError, TrainingPlan, estimate
-from peftaudit.memory.cli import PLAN_FLAGS, add_arguments, plans_from_args, wants_trace
+from peftaudit.memory.cli import ALL_PLAN_FLAGS, add_arguments, plans_from_args, wants_trace
 from peftaudit.memory.render import estimates_markdown, render_estimates
 
 
@@ -92,15 +93,48 @@ def test_flag_details() -> None:
 
 
 def test_every_plan_field_has_its_flag() -> None:
-    """PLAN_FLAGS is the one list: each flag sets a real field, and only these fields have none."""
+    """ALL_PLAN_FLAGS is the one list: each flag sets a real field, and only these fields have none."""
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(TrainingPlan)}
-    flagged = {flag.field for flag in PLAN_FLAGS}
+    flagged = {flag.field for flag in ALL_PLAN_FLAGS}
     assert flagged <= fields
     # method comes from --method/--compare; lora_bias and trainable are for the Python API only.
     assert fields - flagged == {"method", "lora_bias", "trainable"}
-    assert len({flag.flag for flag in PLAN_FLAGS}) == len(PLAN_FLAGS)
+    assert len({flag.flag for flag in ALL_PLAN_FLAGS}) == len(ALL_PLAN_FLAGS)
+
+
+def test_method_options_reach_the_plan() -> None:
+    (plan,) = plans_from_args(_parse("--method", "lora", "--layers", "0-2,5,1", "--init", "mica", "--rslora"))
+    assert plan.layers_to_transform == (0, 1, 2, 5)
+    assert plan.lora_init == "mica" and plan.use_rslora is True
+    (bd,) = plans_from_args(_parse("--bdlora-a", "o_proj,down_proj", "--bdlora-b", "q_proj", "--bdlora-blocks", "2"))
+    assert bd.bdlora_a == ("o_proj", "down_proj") and bd.bdlora_b == ("q_proj",) and bd.bdlora_blocks == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--layers", "3-1"), "runs backwards"),
+        (("--layers", "a"), "layer indices like"),
+        (("--prefix-projection",), "--prefix-projection applies to prefix-tuning, not lora"),
+        (("--method", "full", "--init", "pissa"), "--init applies to lora, qlora, lora-8bit or dora, not full"),
+        (("--method", "qlora", "--lokr-factor", "4"), "--lokr-factor applies to lokr, not qlora"),
+        (("--bdlora-a", "q_proj", "--bdlora-b", "q_proj"), "cannot have both A and B"),
+        (("--method", "ia3", "--layers", "0"), "--layers applies to lora, qlora, lora-8bit, dora, adalora"),
+    ],
+)
+def test_method_options_refused_where_they_do_nothing(argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(PlanError, match=re.escape(message)):
+        plans_from_args(_parse(*argv))
+
+
+def test_method_help_lists_every_builtin_method() -> None:
+    """--method's help is written without importing the registry (no torch for --help): it must not drift."""
+    from peftaudit.memory.cli import BUILTIN_METHOD_NAMES
+    from peftaudit.plugins import memory_methods
+
+    assert set(BUILTIN_METHOD_NAMES) == set(memory_methods())
 
 
 def test_default_methods_make_plans_without_touching_args() -> None:

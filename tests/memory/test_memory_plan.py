@@ -31,9 +31,13 @@ def test_plan_round_trips_through_a_dict() -> None:
         rank_pattern={"q_proj": 8, "v_proj": 4},
         modules_to_save=["lm_head"],
         seq_len=4096,
+        layers_to_transform=[0, 1],
+        bdlora_a=["o_proj"],
+        bdlora_blocks=2,
     )
     data = plan.to_dict()
     assert data["rank_pattern"] == {"q_proj": 8, "v_proj": 4}
+    assert data["layers_to_transform"] == [0, 1] and data["bdlora_a"] == ["o_proj"]
     assert TrainingPlan.from_dict(data) == plan
     assert hash(plan) == hash(TrainingPlan.from_dict(data))
 
@@ -64,6 +68,15 @@ def test_unknown_field_in_dict_is_refused() -> None:
         ({"rank_pattern": {"q_proj": 0}}, "ranks must be positive"),
         ({"targets": ()}, "nothing would train"),
         ({"sharding": "fsdp-hybrid", "gpus": 12, "gpus_per_node": 8}, "whole nodes"),
+        ({"lora_init": "pisa"}, "unknown lora init 'pisa'"),
+        ({"prompt_encoder": "gru"}, "unknown prompt encoder"),
+        ({"lokr_factor": 0}, "lokr factor must be -1 or an integer >= 2"),
+        ({"layers_to_transform": (-1,)}, "layer indices >= 0"),
+        ({"layers_pattern": ("layers",)}, "layers_pattern needs layers_to_transform"),
+        ({"bdlora_blocks": 0}, "bdlora blocks must be a positive integer"),
+        ({"lora_plus_ratio": float("nan")}, "LoRA\\+ ratio must be a positive finite number"),
+        ({"method": "full", "trainable_tokens": 2}, "trainable_tokens applies to lora, .* not full"),
+        ({"method": "dora", "adalora_allocator": False}, "adalora_allocator applies to adalora, not dora"),
     ],
 )
 def test_bad_plans_raise_plan_errors(changes: dict[str, object], message: str) -> None:

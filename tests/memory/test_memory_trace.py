@@ -63,6 +63,19 @@ def test_other_methods(inventory_of, method: str, precision: str, ckpt: bool) ->
     assert abs(err) <= TOLERANCE, (err, analytic.components, traced.components)
 
 
+def test_prompt_tuning_embeddings_stay_fp32(inventory_of) -> None:
+    """peft builds the prompt embedding in float32 and never casts it to a bf16 model's dtype
+    (peft_model.py:_setup_prompt_encoder): its weight, gradient and AdamW moments are float32."""
+    plan = TrainingPlan(method="prompt-tuning", seq_len=64, batch_size=1, num_virtual_tokens=8)
+    analytic = estimate(inventory_of("llama"), plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = trace(build("llama"), plan)
+    assert analytic.components["trainable_weights"] == traced.components["trainable_weights"] == 8 * 256 * 4
+    assert abs(analytic.components["optimizer_states"] - traced.components["optimizer_states"]) < 64
+    assert abs(analytic.allocated_bytes / traced.allocated_bytes - 1.0) <= TOLERANCE
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "bert"])
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("ckpt", [False, True])

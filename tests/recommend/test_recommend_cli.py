@@ -170,3 +170,27 @@ def test_renderers_only_read(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(render_recommendation(rec, "json")) == rec.to_dict()
     finding = Finding("x.y", "error", "t", fix="f", modules=("a",))
     assert "ERROR   x.y: t" in render_findings([finding])
+
+
+def test_budget_skips_checkpointing_the_model_refuses() -> None:
+    """ConvNeXt cannot checkpoint in transformers: the budget is fitted without it (not given up), and says so."""
+    from peftaudit.inventory import take_inventory
+    from peftaudit.recommend import RecommendRequest, recommend
+    from peftaudit.recommend.facts import model_facts
+    from peftaudit.sources.build import build_from_config
+    from peftaudit.sources.catalog import lookup
+
+    entry = lookup("facebook/convnext-base-224")
+    assert entry is not None
+    # One block per stage, narrower: the same class (which transformers cannot checkpoint), a quick derivation.
+    config = {**entry.config, "depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 64, 128], "num_labels": 10}
+    config = {k: v for k, v in config.items() if k not in ("id2label", "label2id")}
+    model = build_from_config(config, model_id=entry.id)
+    inventory, facts = take_inventory(model), model_facts(model, model_id=entry.id)
+    request = RecommendRequest(task="classification", method="lora", budget_bytes=2**30)
+    rec = recommend(inventory, facts, request, alternatives=False)
+    assert rec.budget is not None and not rec.budget.fits and not rec.budget.gradient_checkpointing
+    assert [label for label, _ in rec.budget.tried] == ["LoRA", "LoRA rank 4"]
+    rules = {r.rule: r.text for r in rec.reasons}
+    assert "ConvNextForImageClassification does not support" in rules["budget.no-checkpointing"]
+    assert "gradient checkpointing" not in rules["budget.no-fit"]

@@ -126,7 +126,7 @@ def test_factors_of_another_rank_than_the_config_says(tmp_path: Path) -> None:
         ({"rank_pattern": {"q_proj": -1}}, "rank_pattern['q_proj'] -1 is not a positive integer"),
         ({"modules_to_save": "(["}, "modules_to_save '([' is not a regular expression"),
         ({"bias": "some"}, "bias 'some' is not one of none, all, lora_only"),
-        ({"peft_type": "IA3"}, "peft_type 'IA3': verify --adapter checks LoRA adapters only"),
+        ({"peft_type": 3}, "peft_type 3 is not a peft method name"),
     ],
 )
 def test_malformed_values_are_refused_naming_the_key(edit: dict[str, Any], message: str) -> None:

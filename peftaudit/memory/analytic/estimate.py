@@ -37,7 +37,7 @@ from peftaudit.memory.analytic.shape import ModelShape, shape_of
 from peftaudit.memory.analytic.static import Static, static_memory
 from peftaudit.memory.analytic.step import StepProfile, record_step, walk
 from peftaudit.memory.analytic.tape import CATEGORIES
-from peftaudit.memory.checkpointing import check_checkpointing
+from peftaudit.memory.checkpointing import check_inventory_checkpointing
 from peftaudit.memory.derived import DerivationError, derive
 from peftaudit.memory.derived.windows import reached, windows
 from peftaudit.memory.images import check_images, is_vision_model
@@ -73,6 +73,10 @@ _NOT_IN_PROFILE = {
     "optimizer_impl",
     # The stack changes the step only through the rules it applies to the model (stack_rules), which key it.
     "stack",
+    # Options that change no tensor's shape (scaling, learning rates) or only the optimizer step.
+    "use_rslora",
+    "lora_plus_ratio",
+    "adalora_allocator",
 }
 _PROFILE_FIELDS = tuple(f.name for f in dataclass_fields(TrainingPlan) if f.name not in _NOT_IN_PROFILE)
 
@@ -139,9 +143,9 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     beyond = reached(model_windows, plan.seq_len)
     # An older stack's rules (stack_rules): the model as that release builds it, its step traced so.
     rules = active_rules(inventory, plan)
-    # The optimizer's implementation does not change the recorded step, but it does change the static
-    # memory prepared with it (foreach's scratch), so it keys what is kept here.
-    key = (*_profile_key(plan), beyond, activations, plan.stack, rules, plan.optimizer_impl)
+    # The optimizer's implementation and AdaLoRA's rank allocator do not change the recorded step, but
+    # they do change the static memory prepared with it (foreach's scratch, the allocator's statistics).
+    key = (*_profile_key(plan), beyond, activations, plan.stack, rules, plan.optimizer_impl, plan.adalora_allocator)
     hit = store.get(key)
     if hit is not None:
         return hit
@@ -191,7 +195,9 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
 
     ids = layer_indices(inventory, block)
 
-    def record(program: LayerProgram, layout: ModelLayout, shape: ModelShape) -> StepProfile:
+    def record(
+        program: LayerProgram, layout: ModelLayout, shape: ModelShape, input_grad: bool | None = None
+    ) -> StepProfile:
         if layout is shared.layout:  # the twin's layout: its layers' signatures too
             if shared.signatures is None:
                 shared.signatures = _layer_signatures(layout, ids)
@@ -207,7 +213,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
             layer_key=signature.__getitem__,
             attention=plan.attention,
             checkpointing=plan.gradient_checkpointing and plan.training,
-            input_grad=adaptation.virtual_tokens > 0,
+            input_grad=adaptation.virtual_tokens > 0 if input_grad is None else input_grad,
             loss=plan.loss,
             virtual=adaptation.virtual_tokens,
             accumulate=plan.gradient_accumulation > 1,
@@ -230,8 +236,17 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
             derived = derive(inventory, plan, adaptation, fields, rules)
             profile = derived.profile
             if plan.loss == "chunked":
-                # The trace runs transformers' own loss; a fused chunked loss is the tape's.
-                head = record(programs.STAND_IN, layout, shape).head
+                # The trace runs transformers' own loss; a fused chunked loss is the tape's: the stand-in's
+                # head on this model's output head. Its layers are Llama-shaped (SyntheticLayout): the real
+                # ones may be named otherwise (OPT, Phi-3, experts) or hold a prompt encoder no program
+                # models. Only whether the hidden states need grad reaches the head: a prefix's trained
+                # keys and values make them need it from the first layer on.
+                generic = replace(shape, qk_norm=False)
+                head_layout = SyntheticLayout(
+                    inventory, plan, adaptation, generic, block, checkpoint=resolved.checkpoint
+                )
+                prefix_grad = True if adaptation.prefix_tokens else None
+                head = record(programs.STAND_IN, head_layout, generic, input_grad=prefix_grad).head
                 profile = replace(profile, head=head)
             if derived.attention != plan.attention:
                 warnings.append(
@@ -380,7 +395,7 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
     plan = plan or TrainingPlan()
     plan.validate()
     check_images(inventory.config or {}, plan, inventory.architecture)
-    check_checkpointing(inventory.architecture, plan, supported=inventory.supports_gradient_checkpointing)
+    check_inventory_checkpointing(inventory, plan)  # the model's class or the method may refuse it
     prepared = _prepare(inventory, plan, activations)
     adaptation, layout, static, profile = prepared.adaptation, prepared.layout, prepared.static, prepared.profile
     warnings, total_params = prepared.warnings, prepared.total_params

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 from peftaudit.inventory import Inventory, ModuleRecord, ParameterRecord
 from peftaudit.memory import keep_fp32
-from peftaudit.memory.analytic.linear import LinearSpec
+from peftaudit.memory.analytic.linear import PROGRAMMED_KINDS, LinearSpec
 from peftaudit.memory.analytic.shape import ModelShape
 from peftaudit.memory.dtypes import QUANTIZED_KINDS
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
+from peftaudit.memory.prompts import prompt_dtype
 from peftaudit.memory.quantized import CheckpointQuantization, WeightFormat
 from peftaudit.memory.targets import ModuleAdapter
 
@@ -177,12 +178,27 @@ class ModelLayout(Layout):
 
     def weight(self, layer: int | None, role: str) -> Weight:
         if role == "embed":
+            encoder = self.adaptation.prefix_tokens or self.adaptation.prompt_tensors
+            if encoder and not isinstance(self, SyntheticLayout):
+                # Every program starts at the embedding: no program models a prefix's keys and values in
+                # each attention layer or a p-tuning encoder, so the step is derived from a trace (the
+                # Llama-shaped stand-in, with its warning, only where no trace runs).
+                raise NoLayerProgram(
+                    f"the layer programs do not model {self.adaptation.method}'s prompt encoder"
+                    " (its step is derived from a trace)"
+                )
+            unmodelled = sorted({a.kind for a in self.adaptation.adapters if a.kind not in PROGRAMMED_KINDS})
+            if unmodelled:
+                # peft's other module adapters (memory/adapters.py), wherever they sit (embeddings and heads
+                # too, which no program passes through linear()): the step is derived from a trace.
+                raise NoLayerProgram(f"the layer programs do not model {', '.join(unmodelled)} adapters")
             p = next((q for q in self.inventory.parameters if q.kind == "embedding"), None) or next(
                 (q for q in self.inventory.parameters if q.kind == "output_head"), None
             )
             return self._weight_of(p)
         if role == "prompt":
-            return Weight(self.adaptation.prompt_params, self._dense_dtype(True), True)
+            # peft keeps prompt embeddings in float32 (prompts.prompt_dtype): their gradient is float32 too.
+            return Weight(self.adaptation.prompt_params, prompt_dtype(self.plan), True)
         if layer is None:
             names = _GLOBAL_NAMES.get(role, ())
             p = next((self._find_suffix(n) for n in names if self._find_suffix(n) is not None), None)

@@ -25,6 +25,9 @@ from peftaudit.memory.analytic.ops import (
 from peftaudit.memory.analytic.tape import COPIES, TEMP, Lin, Tape, Tensor, add, const, scale
 from peftaudit.memory.targets import ModuleAdapter
 
+#: Adapter kinds :func:`linear` turns into ops; any other raises :class:`NoLayerProgram`.
+PROGRAMMED_KINDS = frozenset({"lora", "dora", "lora_embedding", "ia3"})
+
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -48,6 +51,12 @@ def linear(tp: Tape, ctx: Context, x: Tensor, spec: LinearSpec) -> Tensor:
     tokens = scale(x.numel, 1.0 / spec.in_features)
     out_numel = scale(tokens, spec.out_features)
     adapter = spec.adapter
+    if adapter is not None and adapter.kind not in PROGRAMMED_KINDS:
+        # peft's other module adapters (LoHa, LoKr, VeRA, OFT, BOFT, AdaLoRA) are not written as tape
+        # ops: the estimate derives the step from a trace of the model instead.
+        from peftaudit.memory.analytic.layout import NoLayerProgram  # layout imports this module
+
+        raise NoLayerProgram(f"the layer programs do not model {adapter.kind} adapters (the step is traced)")
     ia3 = adapter is not None and adapter.kind == "ia3"
     x_in = x
     ia3_scale: Tensor | None = None

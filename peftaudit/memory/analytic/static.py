@@ -17,6 +17,7 @@ from peftaudit.memory.dtypes import fp8_bytes, int8_bytes, nbytes, nf4_bytes, sh
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.optimizers import TrainableTensor, optimizer_memory
 from peftaudit.memory.plan import TrainingPlan
+from peftaudit.memory.prompts import prompt_dtype
 from peftaudit.memory.reached import is_unreached, unreached
 
 
@@ -49,6 +50,9 @@ class Static:
     DDP's buckets are allocated for all of them."""
     flat_optimizer_states: int = 0
     """States of every trainable weight at its own dtype (DeepSpeed ZeRO's flat partitions, fp32 weights)."""
+    rank_allocator: int = 0
+    """AdaLoRA's rank allocator statistics (three per adapter weight), counted in the optimizer states
+    above: persistent between steps, but peft's, not the optimizer's (ZeRO does not partition them)."""
 
 
 def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, layout: ModelLayout) -> Static:
@@ -99,18 +103,39 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
             per_layer[p.layer] = per_layer.get(p.layer, 0) + size
     base += sum(b.numel * nbytes(short(b.dtype)) for b in inventory.buffers)
     adapter_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else plan.adapter_dtype
+    # Adapter weights peft creates frozen (mica's lora_B) stay in fp32 unless the adapters follow the base:
+    # an explicit bf16/fp16 adapter dtype casts the trainable ones only.
+    frozen_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else "fp32"
+    # Buffers the method adds (VeRA's shared projections, OFT's indices, BOFT's permutations): stored
+    # like the model's own buffers, never trained.
+    base += adaptation.buffer_bytes
+    allocator = 0
     for a in adaptation.adapters:
         n = a.params
         trainable_bytes += n * nbytes(adapter_dtype)
         trainable_params += n
-        if a.kind == "ia3":
-            tensors.append(TrainableTensor((n,), adapter_dtype))
-        else:
-            tensors.append(TrainableTensor((a.rank * a.num_experts, a.in_features), adapter_dtype))
-            tensors.append(TrainableTensor((a.out_features, a.rank * a.num_experts), adapter_dtype))
+        tensors.extend(TrainableTensor(shape, adapter_dtype) for shape in a.tensors())
+        base += a.frozen_params * nbytes(frozen_dtype)
         reached += [not is_unreached(a.path, skipped)] * (len(tensors) - len(reached))
-    if adaptation.prompt_params:
-        dtype = layout._dense_dtype(True)
+        if a.kind == "adalora" and plan.adalora_allocator and plan.training:
+            # RankAllocator.update_ipt (peft tuners/adalora/layer.py) keeps ipt, exp_avg_ipt and
+            # exp_avg_unc, zeros_like each lora_A, lora_E and lora_B, from the first
+            # update_and_allocate on: optimizer-state-like memory (ranknum is not among them).
+            allocator += 3 * sum(TrainableTensor(shape, adapter_dtype).numel for shape in a.tensors()[:3])
+    allocator *= nbytes(adapter_dtype)
+    if adaptation.prompt_tensors:
+        # peft builds prompt encoders in float32 after the model is loaded and never casts them
+        # (peft_model.py:_setup_prompt_encoder); only an explicit adapter dtype changes that.
+        dtype = prompt_dtype(plan)
+        for shape in adaptation.prompt_tensors:
+            tensor = TrainableTensor(shape, dtype)
+            trainable_bytes += tensor.numel * nbytes(dtype)
+            trainable_params += tensor.numel
+            tensors.append(tensor)
+            reached.append(True)
+    elif adaptation.prompt_params:
+        # Prompt tuning's embedding is such an encoder too: float32 whatever the model's dtype.
+        dtype = prompt_dtype(plan)
         trainable_bytes += adaptation.prompt_params * nbytes(dtype)
         trainable_params += adaptation.prompt_params
         tensors.append(TrainableTensor((adaptation.prompt_params,), dtype))
@@ -143,10 +168,10 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         quantization_constants=consts,
         trainable_weights=trainable_bytes,
         gradients=grads,
-        optimizer_states=opt.states,
+        optimizer_states=opt.states + allocator,
         optimizer_step_scratch=opt.step_temporaries,
         master_weights=0,
-        optimizer_states_fp32=opt32.states,
+        optimizer_states_fp32=opt32.states + allocator,
         trainable_params=trainable_params,
         paged_optimizer=opt.paged,
         largest_layer_params=max(per_layer.values(), default=0),
@@ -154,7 +179,8 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         packed_bytes=packed,
         dequantized_trained=dequantized,
         flat_gradients=sum(t.numel * nbytes(t.dtype) for t in tensors),
-        flat_optimizer_states=flat.states,
+        flat_optimizer_states=flat.states + allocator,
+        rank_allocator=allocator,
     )
 
 

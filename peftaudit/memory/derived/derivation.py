@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from peftaudit.inventory import Inventory
 from peftaudit.memory.analytic.step import Segment, StepProfile
 from peftaudit.memory.analytic.tape import GRAD, TEMP
-from peftaudit.memory.derived.fit import POINTS, Cut, DerivationError, Row, cut, fit
+from peftaudit.memory.derived.fit import POINTS, Cut, DerivationError, Fitted, Row, cut, fit
 from peftaudit.memory.derived.kinds import LAYER_INDEX_LISTS, Stack, stacks
 from peftaudit.memory.derived.windows import base_length
 from peftaudit.memory.images import image_tokens_of, is_vision_model
@@ -111,13 +111,26 @@ def _derive(
         attention = "eager"
         plan = replace(plan, attention="eager")
         cuts = _traces(inventory, plan, model_stacks, [(b, base * m) for b, m in points], virtual, rules, progress)
-    if plan.gradient_accumulation > 1:
-        cuts = [_accumulating(c) for c in cuts]
-    fitted = fit(cuts, base)
+    try:
+        fitted = _fit(cuts, plan, base, adaptation.prefix_tokens)
+    except DerivationError:
+        # The first trace of some operations in a process runs them differently (fake tensors' cold
+        # dispatch cache: torch's CPU LSTM, p-tuning's encoder, frees in another order); later traces
+        # agree with each other. Trace the first size once more.
+        first = points[0]
+        cuts[0] = _trace(inventory, plan, model_stacks, first[0], base * first[1], virtual, rules)
+        fitted = _fit(cuts, plan, base, adaptation.prefix_tokens)
     layers = _full_depth(model_stacks, fitted.layers, fitted.order, _dropped_layers(inventory.config, model_stacks))
     profile = StepProfile(fitted.embed, tuple(layers), fitted.head)
     kept = {s.path: s.kept for s in model_stacks}
     return Derived(profile, kept, attention, fitted.inexact_bytes)
+
+
+def _fit(cuts: list[Cut], plan: TrainingPlan, base: int, offset: int) -> Fitted:
+    """:func:`~peftaudit.memory.derived.fit.fit` of the traces, with gradient accumulation's in-place adds."""
+    if plan.gradient_accumulation > 1:
+        cuts = [_accumulating(c) for c in cuts]
+    return fit(cuts, base, offset=offset)
 
 
 def _full_depth(

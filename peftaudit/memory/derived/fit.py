@@ -163,8 +163,12 @@ def _events(log: EventLog) -> list[tuple[int | str, int]]:
     return out
 
 
-def fit(cuts: Sequence[Cut], seq: int) -> Fitted:
-    """Fit every segment's sizes over :data:`POINTS` (traces at base sequence length ``seq``)."""
+def fit(cuts: Sequence[Cut], seq: int, offset: int = 0) -> Fitted:
+    """Fit every segment's sizes over :data:`POINTS` (traces at base sequence length ``seq``).
+
+    ``offset``: keys every attention layer holds beyond the sequence (prefix tuning's virtual
+    tokens), so sizes may also grow with ``seq + offset`` (:func:`_monomial`).
+    """
     base = cuts[0]
     for other in cuts[1:]:
         if other.order != base.order:
@@ -172,8 +176,8 @@ def fit(cuts: Sequence[Cut], seq: int) -> Fitted:
     worst = [0.0]
 
     def segment(parts: Sequence[tuple[list[Row], list[Row]]]) -> Segment:
-        forward = _fit_rows([p[0] for p in parts], seq, worst)
-        backward = _fit_rows([p[1] for p in parts], seq, worst)
+        forward = _fit_rows([p[0] for p in parts], seq, worst, offset)
+        backward = _fit_rows([p[1] for p in parts], seq, worst, offset)
         # What the layer keeps: its forward's net bytes, one event per category.
         saved = np.zeros((len(CATEGORIES), len(CATEGORIES), len(TERMS)))
         net = forward.sum(axis=0)
@@ -191,7 +195,7 @@ def fit(cuts: Sequence[Cut], seq: int) -> Fitted:
     )
 
 
-def _fit_rows(traces: Sequence[list[Row]], seq: int, worst: list[float]) -> np.ndarray:
+def _fit_rows(traces: Sequence[list[Row]], seq: int, worst: list[float], offset: int = 0) -> np.ndarray:
     """(events, categories, terms) coefficients for one segment's rows at every point."""
     lengths = {len(t) for t in traces}
     if len(lengths) != 1:
@@ -206,11 +210,11 @@ def _fit_rows(traces: Sequence[list[Row]], seq: int, worst: list[float]) -> np.n
         sizes = [abs(t[i][1]) for t in traces]
         if len(sizes) == 2:  # traced in batch only: a vision model's images fix its sequence
             sizes.append(sizes[0])
-        coeffs[i, cats.pop()] = signs.pop() * _monomial(sizes, seq, worst)
+        coeffs[i, cats.pop()] = signs.pop() * _monomial(sizes, seq, worst, offset)
     return coeffs
 
 
-def _monomial(sizes: Sequence[float], seq: int, worst: list[float]) -> np.ndarray:
+def _monomial(sizes: Sequence[float], seq: int, worst: list[float], offset: int = 0) -> np.ndarray:
     """The size as coefficients over :data:`~peftaudit.memory.analytic.tape.TERMS`."""
     n0, n_batch, n_seq = sizes
     out = np.zeros(len(TERMS))
@@ -220,6 +224,10 @@ def _monomial(sizes: Sequence[float], seq: int, worst: list[float]) -> np.ndarra
     if abs(i - ri) < 1e-9 and abs(j - rj) < 1e-9 and (ri, rj) in _TERM_OF:
         out[TERMS.index(_TERM_OF[(ri, rj)])] = n0 / (POINTS[0][0] ** ri * seq**rj)
         return out
+    if offset and abs(i - ri) < 1e-9:
+        shifted = _shifted(n0, n_seq, ri, seq, offset)
+        if shifted is not None:
+            return shifted
     # Not a monomial: linear in the sequence (per sequence or shared by the batch), and say so.
     worst[0] = max(worst[0], n0)
     per_seq = ri >= 1
@@ -228,3 +236,24 @@ def _monomial(sizes: Sequence[float], seq: int, worst: list[float]) -> np.ndarra
     out[TERMS.index("tokens" if per_seq else "seq")] = slope
     out[TERMS.index("batch" if per_seq else "one")] = n0 / batch - slope * seq
     return out
+
+
+def _shifted(n0: float, n_seq: float, ri: int, seq: int, offset: int) -> np.ndarray | None:
+    """``b^ri s^j (s + offset)^k`` (k = 1, 2) as coefficients over the terms, when the sizes are that.
+
+    Prefix tuning's keys and values are ``seq + offset`` long: K/V per layer ``b (s + v)``, the
+    attention mask and eager scores ``b s (s + v)``. Expanded, each is a sum of the usual terms.
+    """
+    for j, k in ((0, 1), (1, 1), (0, 2)):
+        ratio = 2**j * ((2 * seq + offset) / (seq + offset)) ** k
+        if abs(n_seq / n0 - ratio) > 1e-9 * ratio:
+            continue
+        c = n0 / (POINTS[0][0] ** ri * seq**j * (seq + offset) ** k)
+        out = np.zeros(len(TERMS))
+        for m in range(k + 1):  # s^j (s + v)^k = sum over m of C(k, m) v^(k-m) s^(j+m)
+            term = _TERM_OF.get((ri, j + m))
+            if term is None:
+                return None
+            out[TERMS.index(term)] += c * math.comb(k, m) * offset ** (k - m)
+        return out
+    return None

@@ -60,6 +60,8 @@ def autocast_mode() -> Any:
         torch.addmm,
         torch.Tensor.addmm,
         torch.addbmm,
+        # A composite op: on CUDA its bmm runs under autocast (BD-LoRA's BlockDiagonalLinear, OFT's rotation).
+        torch.einsum,
         F.conv1d,
         F.conv2d,
         F.conv3d,

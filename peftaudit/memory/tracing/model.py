@@ -6,11 +6,14 @@ import functools
 from typing import Any
 
 from peftaudit.memory import keep_fp32
+from peftaudit.memory.adapters import DEFAULT_TARGETS as PEFT_ADAPTERS
+from peftaudit.memory.adapters import peft_config_kwargs
 from peftaudit.memory.plan import PlanError, TrainingPlan
 from peftaudit.memory.quantized import resolve
 from peftaudit.memory.tracing.autocast import emulate_autocast_in_recompute
 from peftaudit.memory.tracing.compat import attention_classes, lora_config_kwargs
 from peftaudit.memory.tracing.quantized import quantize_linears
+from peftaudit.memory.tracing.standins import peft_adapter_building
 from peftaudit.units import SHORT_DTYPES
 
 
@@ -147,13 +150,39 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
         ia3_targets = None if plan.targets in ("default", "all-linear") else list(plan.targets)
         config: Any = peft.IA3Config(
             target_modules=ia3_targets,
-            feedforward_modules=[] if ia3_targets else None,
+            feedforward_modules=list(plan.feedforward_modules) if plan.feedforward_modules is not None else None,
             task_type="CAUSAL_LM" if causal else None,
         )
     elif plan.method == "prompt-tuning":
         if not causal:
             raise PlanError("the trace runs prompt tuning on causal language models only")
         config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.num_virtual_tokens)
+    elif plan.method in ("prefix-tuning", "p-tuning"):
+        # encoder_hidden_size None is peft's default (the token dimension, utils/other.py).
+        prompt: dict[str, Any] = {
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": plan.num_virtual_tokens,
+            "encoder_hidden_size": plan.encoder_hidden_size,
+        }
+        if plan.method == "prefix-tuning":
+            config = peft.PrefixTuningConfig(prefix_projection=plan.prefix_projection, **prompt)
+        else:
+            config = peft.PromptEncoderConfig(
+                encoder_reparameterization_type=plan.prompt_encoder.upper(),
+                encoder_num_layers=plan.encoder_layers,
+                **prompt,
+            )
+    elif plan.method == "trainable-tokens":
+        # Which ids train changes nothing but their number (tuners/trainable_tokens).
+        named = plan.targets != "default" and plan.targets != "all-linear"
+        config = peft.TrainableTokensConfig(
+            token_indices=list(range(plan.trainable_tokens)),
+            target_modules=(list(plan.targets) if isinstance(plan.targets, tuple) else plan.targets) if named else None,
+        )
+    elif plan.method in PEFT_ADAPTERS:
+        # AdaLoRA, LoHa, LoKr, VeRA, OFT, BOFT: the config the plan stands for (memory/adapters.py).
+        name, kwargs = peft_config_kwargs(plan)
+        config = getattr(peft, name)(task_type="CAUSAL_LM" if causal else None, **kwargs)
     else:
         targets: Any = plan.targets
         if targets == "default":
@@ -165,6 +194,7 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
         newer = {
             "exclude_modules": list(plan.exclude) or None,
             "target_parameters": list(plan.target_parameters) or None,
+            **_lora_options(plan),
         }
         lora_kwargs.update(lora_config_kwargs(peft.LoraConfig, newer))
         config = peft.LoraConfig(
@@ -176,7 +206,13 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
             use_dora=plan.method == "dora",
             **lora_kwargs,
         )
-    model = peft.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter)
+    with peft_adapter_building(plan.method):  # BOFT's CUDA extension, as on a GPU (tracing/standins.py)
+        model = peft.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter)
+    if plan.lora_init == "mica":
+        # MiCA's init is an SVD of real weights; its forward is LoRA's with lora_B frozen (lora/variants.py).
+        for name, p in model.named_parameters():
+            if ".lora_B." in name or ".lora_embedding_B." in name:
+                p.requires_grad_(False)
     if plan.adapter_dtype in ("bf16", "fp16"):
         import torch
 
@@ -185,6 +221,26 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
             if p.requires_grad:
                 p.data = p.data.to(target)
     return model
+
+
+def _lora_options(plan: TrainingPlan) -> dict[str, Any]:
+    """LoraConfig fields of the plan's LoRA options (``layers_to_transform``, BD-LoRA, trainable tokens);
+    ``None`` where unset, which older peft releases (without the field) accept."""
+    bdlora = plan.bdlora_a or plan.bdlora_b
+    return {
+        "layers_to_transform": list(plan.layers_to_transform) or None,
+        "layers_pattern": list(plan.layers_pattern) or None,
+        # Lenient: the plan models a target in neither list as plain LoRA (targets.lora_adapters).
+        "use_bdlora": {
+            "target_modules_bd_a": list(plan.bdlora_a),
+            "target_modules_bd_b": list(plan.bdlora_b),
+            "nblocks": plan.bdlora_blocks,
+            "match_strict": False,
+        }
+        if bdlora
+        else None,
+        "trainable_token_indices": list(range(plan.trainable_tokens)) or None,
+    }
 
 
 def materialize(model: Any, mode: Any, extras: dict[str, dict[str, tuple[tuple[int, ...], str]]]) -> dict[int, str]:

@@ -309,6 +309,82 @@ def _unpadded(original: Callable[..., Any]) -> Callable[..., Any]:
     return create_bidirectional_mask
 
 
+class _BlockDiagonalStandIn:
+    """peft BOFT's CUDA extension ``fbd_cuda`` (``tuners/boft/fbd/fbd_cuda_kernel.cu``) as allocations:
+    ``forward`` makes ``at::zeros({z, N*b, N*b}, input.options())``, ``backward`` ``at::zeros_like(input)``."""
+
+    @staticmethod
+    def forward(input: Any) -> list[Any]:
+        z, n, b, _ = input.shape
+        return [input.new_empty((z, n * b, n * b))]
+
+    @staticmethod
+    def backward(grad_output: Any, input: Any) -> list[Any]:
+        import torch
+
+        return [torch.empty_like(input)]
+
+
+@contextlib.contextmanager
+def peft_adapter_building(method: str) -> Iterator[None]:
+    """While ``get_peft_model`` builds ``method``: BOFT sees its CUDA extension (:func:`peft_adapter_stand_ins`)."""
+    if method != "boft":
+        yield
+        return
+    from peft.tuners.boft import layer
+
+    saved = layer._FBD_CUDA
+    layer._FBD_CUDA = _BlockDiagonalStandIn()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        layer._FBD_CUDA = saved
+
+
+def peft_adapter_stand_ins(patch: Callable[[Any, str, Any], None]) -> None:
+    """What peft's LyCORIS and BOFT layers need to run on fake tensors, as on a GPU.
+
+    LoHa and LoKr decide their module dropout with ``torch.rand(1) > module_dropout`` in their
+    forward (``tuners/loha/layer.py``, ``tuners/lokr/layer.py``): a data-dependent branch fake
+    tensors cannot take. Inside those forwards ``torch.rand(1)`` draws one real number (no GPU
+    memory worth counting). BOFT's butterfly factor needs the ``fbd_cuda`` extension, which peft
+    JIT-builds on GPUs (``get_fbd_cuda``; without it peft falls back to factor 1): a stand-in that
+    allocates what its kernels allocate. Only where peft's modules are loaded.
+    """
+    import torch
+
+    for module_name in ("peft.tuners.loha.layer", "peft.tuners.lokr.layer"):
+        module = sys.modules.get(module_name)
+        cls = None if module is None else getattr(module, "LoHaLayer" if "loha" in module_name else "LoKrLayer", None)
+        if cls is not None and "forward" in vars(cls):
+            patch(cls, "forward", _real_rand_one(vars(cls)["forward"], torch))
+    boft = sys.modules.get("peft.tuners.boft.layer")
+    if boft is not None:
+        patch(boft, "_FBD_CUDA", _BlockDiagonalStandIn())
+
+
+def _real_rand_one(original: Callable[..., Any], torch: Any) -> Callable[..., Any]:
+    """``original`` (a LyCORIS forward) with ``torch.rand(1)`` drawn for real (:func:`peft_adapter_stand_ins`)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        real = torch.rand
+
+        def rand(*size: Any, **options: Any) -> Any:
+            if size in ((1,), ((1,),)) and not options:
+                with unset_fake_temporarily():
+                    return float(real(1))
+            return real(*size, **options)
+
+        torch.rand = rand
+        try:
+            return original(self, x, *args, **kwargs)
+        finally:
+            torch.rand = real
+
+    return forward
+
+
 @contextlib.contextmanager
 def stand_ins(plan: TrainingPlan) -> Iterator[None]:
     """Install the stand-ins for the duration of a trace."""
@@ -375,6 +451,7 @@ def stand_ins(plan: TrainingPlan) -> Iterator[None]:
                 patch(module, helper, _on_known_values(getattr(module, helper), plan.attention != "eager"))
     _qwen_vl_stand_ins(patch)
     _idefics3_stand_ins(patch)
+    peft_adapter_stand_ins(patch)
     # LLaVA-NeXT packs its images' tiles one image at a time: at once here (tracing/anyres.py).
     from peftaudit.memory.tracing import anyres
 
