@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @hookimpl
 def peftaudit_register_methods(register: Callable[[Method], None]) -> None:
     from peftaudit.memory.adapters import ADAPTER_METHODS
+    from peftaudit.memory.galore import GALORE_METHODS
     from peftaudit.memory.methods import BUILTIN_METHODS
     from peftaudit.memory.prompts import PROMPT_METHODS
     from peftaudit.memory.trainable_tokens import TrainableTokensMethod
@@ -26,3 +27,5 @@ def peftaudit_register_methods(register: Callable[[Method], None]) -> None:
     for method in PROMPT_METHODS:
         register(method)
     register(TrainableTokensMethod())
+    for method in GALORE_METHODS:
+        register(method)

@@ -45,6 +45,7 @@ from peftaudit.memory.plan import (
     ADAPTER_DTYPES,
     ATTENTIONS,
     BASE_DTYPES,
+    GALORE_PROJECTIONS,
     LENGTHS,
     LORA_INITS,
     LOSSES,
@@ -84,6 +85,12 @@ def _compiles(flag: str, given: str, pattern: str) -> None:
 
 def _targets(value: str) -> str | tuple[str, ...]:
     return value if value in ("all-linear", "default") else _names(value)
+
+
+def _galore_targets(value: str) -> str | tuple[str, ...]:
+    # transformers' optim_target_modules: "all-linear", or a list of names (one name is a list of one,
+    # not a regex: a one-string value would be matched with re.fullmatch instead).
+    return "all-linear" if value.replace("_", "-") == "all-linear" else _names(value)
 
 
 def _targets_regex(value: str) -> str:
@@ -139,6 +146,8 @@ BUILTIN_METHOD_NAMES: tuple[str, ...] = (
     "oft",
     "boft",
     "trainable-tokens",
+    "galore",
+    "galore-layerwise",
 )
 
 
@@ -363,6 +372,16 @@ METHOD_FLAGS: tuple[PlanFlag, ...] = (
         "AdaLoRA's rank allocator runs each step (default {default})",
         action=_switch,
     ),
+    PlanFlag("galore_rank", "--galore-rank", "GaLore projection rank (default {default})", "R", int),
+    PlanFlag(
+        "galore_targets",
+        "--galore-targets",
+        "GaLore's nn.Linear targets (transformers' optim_target_modules): all-linear or comma-separated "
+        "names, each matching module paths that contain it (default: attn,mlp, the example of transformers' docs)",
+        "NAMES",
+        to_plan=_galore_targets,
+    ),
+    PlanFlag("galore_proj", "--galore-proj", "GaLore projection type (default {default})", choices=GALORE_PROJECTIONS),
 )
 
 #: Every flag that sets a plan field.

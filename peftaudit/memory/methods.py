@@ -62,6 +62,14 @@ class Adaptation:
     shared_buffers: tuple[tuple[tuple[int, ...], str], ...] = ()
     """Buffers the method adds once per model, as ``(shape, dtype)``: VeRA's shared random
     projections ``vera_A`` and ``vera_B`` (per-module buffers are on each :class:`ModuleAdapter`)."""
+    optimizer: str | None = None
+    """An optimizer the method brings in place of the plan's (GaLore's ``galore_adamw``,
+    :mod:`peftaudit.memory.galore`); ``None``: the plan's."""
+    low_rank: frozenset[str] = frozenset()
+    """GaLore: trainable weights whose optimizer states live in a rank-``galore_rank`` projection."""
+    layerwise: bool = False
+    """The optimizer steps each parameter as soon as its gradient is complete and frees that gradient
+    (transformers' ``*_layerwise`` optimizers): the gradients never all exist at once."""
 
     @property
     def adapter_params(self) -> int:

@@ -13,6 +13,7 @@ QLoRA on a model without linear layers) run when the plan meets an inventory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -87,6 +88,11 @@ LORA_INITS: tuple[str, ...] = (
 )
 #: p-tuning's prompt encoder (peft's ``encoder_reparameterization_type``).
 PROMPT_ENCODERS: tuple[str, ...] = ("mlp", "lstm")
+#: GaLore's projection types (galore-torch 1.0 ``GaLoreProjector.proj_type``; transformers' ``optim_args``
+#: ``proj_type``, default ``std``): which side of each matrix the projector takes, so which states are small.
+GALORE_PROJECTIONS: tuple[str, ...] = ("std", "reverse_std", "right", "left", "full")
+#: GaLore's methods (:mod:`peftaudit.memory.galore`): full training with their own optimizer.
+GALORE_METHOD_NAMES: tuple[str, ...] = ("galore", "galore-layerwise")
 
 _LORA_FAMILY = ("lora", "qlora", "lora-8bit", "dora")
 #: The tuners whose config has ``layers_to_transform`` (IA3's has not, peft 0.21.2).
@@ -117,6 +123,9 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "boft_butterfly": ("boft",),
     "adalora_allocator": ("adalora",),
     "feedforward_modules": ("ia3",),
+    "galore_rank": GALORE_METHOD_NAMES,
+    "galore_targets": GALORE_METHOD_NAMES,
+    "galore_proj": GALORE_METHOD_NAMES,
 }
 
 
@@ -132,7 +141,8 @@ class TrainingPlan:
     method: str = "lora"
     """A registered method: ``full``, ``freeze``, ``lora``, ``qlora``, ``lora-8bit``, ``dora``,
     ``ia3``, ``prompt-tuning``, ``prefix-tuning``, ``p-tuning``, ``adalora``, ``loha``, ``lokr``,
-    ``vera``, ``oft``, ``boft``, ``trainable-tokens`` (see ``peftaudit.memory.available_methods()``)."""
+    ``vera``, ``oft``, ``boft``, ``trainable-tokens``, ``galore``, ``galore-layerwise``
+    (see ``peftaudit.memory.available_methods()``)."""
     rank: int = 16
     """Adapter rank ``r`` (LoRA, QLoRA, DoRA, LoHa, LoKr, VeRA; AdaLoRA's initial rank ``init_r``)."""
     alpha: float | None = None
@@ -218,6 +228,18 @@ class TrainingPlan:
     adalora_allocator: bool = True
     """``adalora``: the rank allocator runs (``update_and_allocate`` every step, as peft's docs say),
     keeping three running statistics per adapter weight."""
+
+    # --- GaLore (transformers' ``optim="galore_adamw"`` / ``"galore_adamw_layerwise"``, galore-torch 1.0;
+    # --- ``update_proj_gap`` and ``scale`` change no memory: the first step computes the projection anyway).
+    galore_rank: int = 128
+    """``galore``: the projection rank (``optim_args`` ``rank``; transformers' default 128)."""
+    galore_targets: str | tuple[str, ...] = ("attn", "mlp")
+    """``galore``: the ``nn.Linear`` modules whose weights get low-rank states (transformers'
+    ``optim_target_modules``): ``"all-linear"``, a tuple of names (a module matches when its path is one
+    of them or contains one) or one regular expression over the whole path. transformers has no default and
+    refuses to run without one; ``("attn", "mlp")`` is the example its docs give."""
+    galore_proj: str = "std"
+    """``galore``: the projection type (``optim_args`` ``proj_type``, :data:`GALORE_PROJECTIONS`)."""
 
     # --- precision and quantization ------------------------------------------------
     precision: str = "bf16"
@@ -318,6 +340,8 @@ class TrainingPlan:
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.galore_targets, list):
+            object.__setattr__(self, "galore_targets", tuple(self.galore_targets))
         if not self.stack or (isinstance(self.stack, str) and not self.stack.strip()):
             object.__setattr__(self, "stack", ())  # {}, [] and "" name nothing: the installed releases
         else:
@@ -378,6 +402,8 @@ class TrainingPlan:
                 data[key] = list(data[key])
         if isinstance(self.targets, tuple):
             data["targets"] = list(self.targets)
+        if isinstance(self.galore_targets, tuple):
+            data["galore_targets"] = list(self.galore_targets)
         data["stack"] = dict(self.stack) if isinstance(self.stack, tuple) else self.stack
         return data
 
@@ -500,6 +526,18 @@ class TrainingPlan:
             outside = sorted(set(self.feedforward_modules) - set(self.targets))
             if outside:
                 raise PlanError(f"IA3 feed-forward modules {outside} are not among the targets {list(self.targets)}")
+        _positive("galore_rank", self.galore_rank)
+        _one_of("galore_proj", self.galore_proj, GALORE_PROJECTIONS)
+        if not self.galore_targets or (isinstance(self.galore_targets, str) and not self.galore_targets.strip()):
+            raise PlanError("GaLore targets must not be empty (transformers requires optim_target_modules)")
+        if self.galore_targets != "all-linear":
+            # transformers re.fullmatch-es a string target, and each entry of a list that no path contains.
+            patterns = (self.galore_targets,) if isinstance(self.galore_targets, str) else self.galore_targets
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise PlanError(f"GaLore target {pattern!r} is not a valid regular expression: {exc.msg}") from None
         overlap = set(self.bdlora_a) & set(self.bdlora_b)
         if overlap:
             raise PlanError(f"BD-LoRA modules {sorted(overlap)} cannot have both A and B block-diagonal")
@@ -555,6 +593,8 @@ __all__ = [
     "ADAPTER_DTYPES",
     "ATTENTIONS",
     "BASE_DTYPES",
+    "GALORE_METHOD_NAMES",
+    "GALORE_PROJECTIONS",
     "LENGTHS",
     "LORA_INITS",
     "LOSSES",

@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from peftaudit.memory.plan import MIB, TrainingPlan
+from peftaudit.memory.plan import GALORE_METHOD_NAMES, MIB, TrainingPlan
 from peftaudit.memory.stack import describe
 
 #: A plan as the commands hold it, or as an estimate carries it (``MemoryEstimate.plan``).
@@ -143,6 +143,8 @@ def _parts(plan: TrainingPlan) -> dict[str, str]:
     elif quantized is not None or plan.base_dtype is not None:
         parts["base"] = f"base {quantized or plan.base_dtype}"
     parts["optimizer"] = _OPTIMIZERS.get(plan.optimizer, plan.optimizer).format(impl=plan.optimizer_impl)
+    if plan.method in GALORE_METHOD_NAMES and plan.training:  # GaLore brings its own optimizer
+        parts["optimizer"] = f"GaLore AdamW r{plan.galore_rank}"
     parts["attention"] = f"attention {plan.attention}"
     if plan.loss != "default":
         parts["loss"] = f"{plan.loss} loss"

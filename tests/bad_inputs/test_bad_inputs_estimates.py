@@ -429,7 +429,37 @@ ISSUE_16_METHODS = [
     ),
 ]
 
-CASES = [*ITEM_13, *ITEM_14, *ITEM_16, *ISSUE_13_IMAGES, *ISSUE_14_STACK, *ISSUE_16_METHODS]
+# Issue 16: GaLore trains every weight in full, so a quantized base is refused (as is what transformers refuses).
+ISSUE_16_GALORE = [
+    Case(
+        "16.galore-quantized-base",
+        ["report", "gpt2", "--method", "galore", "--base-dtype", "nf4"],
+        stderr=r"GaLore trains every weight; a quantized base cannot train",
+    ),
+    Case(
+        "16.galore-quantized-checkpoint",
+        ["fit", "{tmp}/bnb4", "--gpu", "H100", "--method", "galore"],
+        setup=lambda t: write_config(
+            t / "bnb4", {**catalog_config("Qwen__Qwen2.5-0.5B"), "quantization_config": UNSLOTH_BNB_4BIT}
+        ),
+        stderr=r"GaLore trains every weight; a quantized base cannot train",
+    ),
+    Case(
+        "16.galore-layerwise-accumulation",
+        ["gpus", "gpt2", "--method", "galore-layerwise", "--galore-targets", "all-linear", "--grad-accum", "4"],
+        stderr=r"layer-wise GaLore does not support gradient accumulation",
+    ),
+]
+
+CASES = [
+    *ITEM_13,
+    *ITEM_14,
+    *ITEM_16,
+    *ISSUE_13_IMAGES,
+    *ISSUE_14_STACK,
+    *ISSUE_16_METHODS,
+    *ISSUE_16_GALORE,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -28,8 +28,8 @@ def _stateless(config: dict[str, Any], plan: TrainingPlan, monkeypatch: pytest.M
     seen: dict[str, Any] = {}
     real = run.optimizer_for
 
-    def spy(plan: TrainingPlan, params: list[Any]) -> Any:
-        seen["optimizer"], step = real(plan, params)
+    def spy(plan: TrainingPlan, params: list[Any], model: Any = None) -> Any:
+        seen["optimizer"], step = real(plan, params, model)
         seen["params"] = params
         return seen["optimizer"], step
 

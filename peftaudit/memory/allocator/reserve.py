@@ -79,7 +79,9 @@ def method_class(plan: TrainingPlan, quantized: bool = False) -> str:
     ``quantized``: the estimate stores frozen weights quantized whatever the method says (a
     checkpoint's own ``quantization_config``: LoRA on a 4-bit checkpoint is QLoRA).
     """
-    if plan.method in ("full", "freeze"):
+    from peftaudit.memory.plan import GALORE_METHOD_NAMES
+
+    if plan.method in ("full", "freeze", *GALORE_METHOD_NAMES):
         return "full"
     if quantized or plan.method in ("qlora", "lora-8bit") or plan.base_dtype in ("nf4", "fp4", "int8"):
         return "qlora"

@@ -40,6 +40,7 @@ from peftaudit.memory.analytic.tape import CATEGORIES
 from peftaudit.memory.checkpointing import check_inventory_checkpointing
 from peftaudit.memory.derived import DerivationError, derive
 from peftaudit.memory.derived.windows import reached, windows
+from peftaudit.memory.galore import activations_twin, without_gradients
 from peftaudit.memory.images import check_images, is_vision_model
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
@@ -77,6 +78,10 @@ _NOT_IN_PROFILE = {
     "use_rslora",
     "lora_plus_ratio",
     "adalora_allocator",
+    # GaLore's options change its optimizer states and step only (static memory, keyed in _prepare).
+    "galore_rank",
+    "galore_targets",
+    "galore_proj",
 }
 _PROFILE_FIELDS = tuple(f.name for f in dataclass_fields(TrainingPlan) if f.name not in _NOT_IN_PROFILE)
 
@@ -145,7 +150,16 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     rules = active_rules(inventory, plan)
     # The optimizer's implementation and AdaLoRA's rank allocator do not change the recorded step, but
     # they do change the static memory prepared with it (foreach's scratch, the allocator's statistics).
-    key = (*_profile_key(plan), beyond, activations, plan.stack, rules, plan.optimizer_impl, plan.adalora_allocator)
+    key = (
+        *_profile_key(plan),
+        beyond,
+        activations,
+        plan.stack,
+        rules,
+        plan.optimizer_impl,
+        plan.adalora_allocator,
+        (plan.galore_rank, plan.galore_targets, plan.galore_proj),
+    )
     hit = store.get(key)
     if hit is not None:
         return hit
@@ -233,7 +247,8 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
         source = "derived"
         try:
             fields = {**dict(zip(_PROFILE_FIELDS, _profile_key(plan), strict=True)), "windows_reached": beyond}
-            derived = derive(inventory, plan, adaptation, fields, rules)
+            traced_plan, fields = activations_twin(plan, fields)  # GaLore's activations are full training's
+            derived = derive(inventory, traced_plan, adaptation, fields, rules)
             profile = derived.profile
             if plan.loss == "chunked":
                 # The trace runs transformers' own loss; a fused chunked loss is the tape's: the stand-in's
@@ -276,6 +291,9 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
                     f"its step could not be traced ({exc})",
                 )
             )
+    if adaptation.layerwise:
+        # Each gradient is stepped and freed by its parameter's own optimizer as it completes.
+        profile = without_gradients(profile, static.layerwise_steps, static.tied_gradients)
     warnings = warnings + _warnings(inventory, plan, adaptation) + stack_warnings(user_inventory, plan)
     storage = base_storage(
         resolved,
@@ -426,7 +444,7 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
             grads = 0.0  # already counted in full above; backward only adds in place
         comp["gradients"] += grads
         candidates[phase] = comp
-    if plan.training:
+    if plan.training and not adaptation.layerwise:  # layer-wise: optimizer.step() is a no-op
         step = {k: float(v) for k, v in base_static.items()}
         step["gradients"] = float(shard.gradients + shard.persistent_grad_buffers)
         step["temporaries"] = float(shard.optimizer_step_scratch)

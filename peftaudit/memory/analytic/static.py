@@ -9,13 +9,13 @@ gradients, and the optimizer's states.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from peftaudit.inventory import Inventory, ParameterRecord
 from peftaudit.memory.analytic.layout import ModelLayout
 from peftaudit.memory.dtypes import fp8_bytes, int8_bytes, nbytes, nf4_bytes, short
 from peftaudit.memory.methods import Adaptation
-from peftaudit.memory.optimizers import TrainableTensor, optimizer_memory
+from peftaudit.memory.optimizers import TrainableTensor, galore_in_flight, optimizer_memory
 from peftaudit.memory.plan import TrainingPlan
 from peftaudit.memory.prompts import prompt_dtype
 from peftaudit.memory.reached import is_unreached, unreached
@@ -53,6 +53,12 @@ class Static:
     rank_allocator: int = 0
     """AdaLoRA's rank allocator statistics (three per adapter weight), counted in the optimizer states
     above: persistent between steps, but peft's, not the optimizer's (ZeRO does not partition them)."""
+    layerwise_steps: tuple[tuple[int, int], ...] = ()
+    """A layer-wise optimizer (layer-wise GaLore, :mod:`peftaudit.memory.galore`) steps each parameter
+    in backward as its gradient completes: per gradient size in bytes, the largest step scratch then."""
+    tied_gradients: tuple[int, ...] = ()
+    """Layer-wise: gradient bytes of each trained tied weight, whose first part (from the output head)
+    waits in autograd for the second (from the input embedding): its hook runs once, on the sum."""
 
 
 def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptation, layout: ModelLayout) -> Static:
@@ -69,6 +75,7 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
     reached: list[bool] = []  # per tensor: whether the step gives it a gradient
     skipped = unreached(inventory, plan)
     trainable_params = 0
+    tied: list[int] = []  # bytes of trained tied weights (their gradient arrives in two parts)
     per_layer: dict[int, int] = {}
     for p in inventory.parameters:
         trains = p.name in adaptation.trainable or _in_saved(p, adaptation)
@@ -77,8 +84,10 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         if trains:
             size = p.numel * nbytes(dtype)
             trainable_bytes += size
-            tensors.append(TrainableTensor(p.shape, dtype))
+            low_rank = plan.galore_rank if p.name in adaptation.low_rank else 0
+            tensors.append(TrainableTensor(p.shape, dtype, low_rank, plan.galore_proj))
             reached.append(not is_unreached(p.name, skipped))
+            tied += [size] if p.tied_with else []
             trainable_params += p.numel
             dequantized += p.numel if stored_packed else 0
             if _in_saved(p, adaptation) and p.name not in adaptation.trainable:
@@ -159,10 +168,12 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         )
     stepped = [t for t, r in zip(tensors, reached, strict=True) if r]
     grads = sum(t.numel * nbytes(t.dtype) for t in stepped)
-    opt = optimizer_memory(plan.optimizer, plan.optimizer_impl, stepped)
-    flat = optimizer_memory(plan.optimizer, plan.optimizer_impl, tensors)
+    optimizer = adaptation.optimizer or plan.optimizer  # GaLore brings its own
+    opt = optimizer_memory(optimizer, plan.optimizer_impl, stepped)
+    flat = optimizer_memory(optimizer, plan.optimizer_impl, tensors)
     # DeepSpeed's mixed-precision optimizer steps fp32 master weights, so there its states are fp32.
-    opt32 = optimizer_memory(plan.optimizer, plan.optimizer_impl, [TrainableTensor(t.shape, "fp32") for t in tensors])
+    opt32 = optimizer_memory(optimizer, plan.optimizer_impl, [replace(t, dtype="fp32") for t in tensors])
+    layerwise = galore_in_flight(stepped) if adaptation.layerwise else ()
     return Static(
         base_weights=base,
         quantization_constants=consts,
@@ -181,6 +192,8 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
         flat_gradients=sum(t.numel * nbytes(t.dtype) for t in tensors),
         flat_optimizer_states=flat.states + allocator,
         rank_allocator=allocator,
+        layerwise_steps=layerwise,
+        tied_gradients=tuple(tied) if adaptation.layerwise else (),
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from peftaudit.memory import keep_fp32
 from peftaudit.memory.adapters import DEFAULT_TARGETS as PEFT_ADAPTERS
 from peftaudit.memory.adapters import peft_config_kwargs
-from peftaudit.memory.plan import PlanError, TrainingPlan
+from peftaudit.memory.plan import GALORE_METHOD_NAMES, PlanError, TrainingPlan
 from peftaudit.memory.quantized import resolve
 from peftaudit.memory.tracing.autocast import emulate_autocast_in_recompute
 from peftaudit.memory.tracing.compat import attention_classes, lora_config_kwargs
@@ -138,7 +138,7 @@ def _keep_fp32(model: Any, inventory: Any, dtype: str) -> None:
 
 
 def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
-    if plan.method in ("full", "freeze"):
+    if plan.method in ("full", "freeze", *GALORE_METHOD_NAMES):  # GaLore is full training
         for name, p in model.named_parameters():
             p.requires_grad_(name in adaptation.trainable)
         return model

@@ -120,7 +120,7 @@ def _run(
             for attr, value in vars(m).items():
                 if attr.startswith("_peftaudit_const_") and isinstance(value, torch.Tensor):
                     tracker.track(value.untyped_storage(), "quantization_constants")
-        optimizer, step = (None, None) if not plan.training else optimizer_for(plan, params)
+        optimizer, step = (None, None) if not plan.training else optimizer_for(plan, params, model)
         with dispatch_mode(tracker, param_storages), autocast_mode():
             for length in lengths if plan.training else lengths[:1]:
                 # Where each optimizer step begins, its batches' token ids included: what
