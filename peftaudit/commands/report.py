@@ -141,19 +141,15 @@ def _estimates(inventory: Any, plans: Any) -> list[Any]:
 def _raise_if_plan_is_wrong(inventory: Any, plan: Any, exc: Exception) -> None:
     """Re-raise ``exc`` when the plan itself is at fault: it fails validation or its targets on this model."""
     from peftaudit.memory import PlanError
-    from peftaudit.memory.galore import GALORE_METHOD_NAMES
     from peftaudit.memory.images import check_images
-    from peftaudit.memory.targets import lora_adapters, saved_modules
+    from peftaudit.memory.targets import saved_modules
+    from peftaudit.plugins import memory_methods
 
     try:
         plan.validate()
         check_images(inventory.config or {}, plan, inventory.architecture)
-        if plan.method in GALORE_METHOD_NAMES:  # GaLore's own targets and refusals
-            from peftaudit.plugins import memory_methods
-
-            memory_methods()[plan.method].adapt(inventory, plan)
-        elif plan.method != "full":  # full fine-tuning names no targets
-            lora_adapters(inventory, plan)
+        # The method's own targets and refusals (LoRA's, AdaLoRA's defaults, GaLore's nn.Linear targets...).
+        memory_methods()[plan.method].adapt(inventory, plan)
         saved_modules(inventory, plan)
     except PlanError:
         raise exc from None

@@ -34,7 +34,6 @@ refused, and so is a regular expression that does not compile, naming the flag.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from peftaudit.memory.plan import (
     ADAPTER_DTYPES,
     ATTENTIONS,
     BASE_DTYPES,
+    BUILTIN_METHOD_NAMES,
     GALORE_PROJECTIONS,
     LENGTHS,
     LORA_INITS,
@@ -53,6 +53,7 @@ from peftaudit.memory.plan import (
     OFFLOADS,
     OPTIMIZER_IMPLS,
     OPTIMIZERS,
+    PLAN_DEFAULTS,
     PRECISIONS,
     PROMPT_ENCODERS,
     QUANT_TYPES,
@@ -65,10 +66,7 @@ from peftaudit.memory.stack import parse_stack
 
 def plan_default(name: str) -> Any:
     """The default of :class:`TrainingPlan`'s field ``name``: the one source the help quotes."""
-    for f in dataclasses.fields(TrainingPlan):
-        if f.name == name:
-            return f.default
-    raise KeyError(name)
+    return PLAN_DEFAULTS[name]
 
 
 def _names(value: str | None) -> tuple[str, ...]:
@@ -125,30 +123,6 @@ def _layers(value: str) -> tuple[int, ...]:
             raise PlanError(f"--layers range {part!r} runs backwards")
         layers.extend(range(low, high + 1))
     return tuple(sorted(set(layers)))
-
-
-#: Every built-in method, as ``--method`` lists them (a test checks the registry has exactly these).
-BUILTIN_METHOD_NAMES: tuple[str, ...] = (
-    "full",
-    "freeze",
-    "lora",
-    "qlora",
-    "lora-8bit",
-    "dora",
-    "ia3",
-    "prompt-tuning",
-    "prefix-tuning",
-    "p-tuning",
-    "adalora",
-    "loha",
-    "lokr",
-    "vera",
-    "oft",
-    "boft",
-    "trainable-tokens",
-    "galore",
-    "galore-layerwise",
-)
 
 
 @dataclass(frozen=True)

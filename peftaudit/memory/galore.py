@@ -36,6 +36,7 @@ _QUANTIZED = ("nf4", "fp4", "int8", "fp8")
 
 
 def _all_linear(targets: str | tuple[str, ...]) -> bool:
+    # transformers' own spelling rule (_setup_low_rank_optimizer), not peft's matching.is_all_linear.
     return isinstance(targets, str) and targets.replace("_", "-") == "all-linear"
 
 

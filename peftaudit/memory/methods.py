@@ -77,6 +77,13 @@ class Adaptation:
         return sum(a.params for a in self.adapters) + sum(s.params for s in self.saved) + self.prompt_params
 
     @property
+    def prompt_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The prompt's trainable tensors: :attr:`prompt_tensors`, or one tensor of :attr:`prompt_params`."""
+        if self.prompt_tensors or not self.prompt_params:
+            return self.prompt_tensors
+        return ((self.prompt_params,),)
+
+    @property
     def buffer_bytes(self) -> int:
         """Bytes of the buffers the method adds (:attr:`shared_buffers` and each adapter's)."""
         return sum(a.buffer_bytes for a in self.adapters) + buffers_bytes(self.shared_buffers)

@@ -94,6 +94,30 @@ GALORE_PROJECTIONS: tuple[str, ...] = ("std", "reverse_std", "right", "left", "f
 #: GaLore's methods (:mod:`peftaudit.memory.galore`): full training with their own optimizer.
 GALORE_METHOD_NAMES: tuple[str, ...] = ("galore", "galore-layerwise")
 
+#: Every built-in method, as ``--method``'s help lists them without importing the registry (a test checks the
+#: registry has exactly these); the option checks of :meth:`TrainingPlan.validate` cover these.
+BUILTIN_METHOD_NAMES: tuple[str, ...] = (
+    "full",
+    "freeze",
+    "lora",
+    "qlora",
+    "lora-8bit",
+    "dora",
+    "ia3",
+    "prompt-tuning",
+    "prefix-tuning",
+    "p-tuning",
+    "adalora",
+    "loha",
+    "lokr",
+    "vera",
+    "oft",
+    "boft",
+    "trainable-tokens",
+    *GALORE_METHOD_NAMES,
+)
+
+
 _LORA_FAMILY = ("lora", "qlora", "lora-8bit", "dora")
 #: The tuners whose config has ``layers_to_transform`` (IA3's has not, peft 0.21.2).
 _LAYERED_TUNERS = (*_LORA_FAMILY, "adalora", "loha", "lokr", "vera", "oft", "boft")
@@ -504,9 +528,8 @@ class TrainingPlan:
                 raise PlanError(f"{name.replace('_', ' ')} must be a whole number >= 0, got {value!r}")
         if self.encoder_hidden_size is not None:
             _positive("encoder_hidden_size", self.encoder_hidden_size)
-        if not isinstance(self.lokr_factor, int) or isinstance(self.lokr_factor, bool) or self.lokr_factor in (0, 1):
-            raise PlanError(f"lokr factor must be -1 or an integer >= 2, got {self.lokr_factor!r}")
-        if self.lokr_factor < -1:
+        factor = self.lokr_factor
+        if not isinstance(factor, int) or isinstance(factor, bool) or not (factor == -1 or factor >= 2):
             raise PlanError(f"lokr factor must be -1 or an integer >= 2, got {self.lokr_factor!r}")
         if self.lora_plus_ratio is not None and not (
             is_finite_number(self.lora_plus_ratio) and self.lora_plus_ratio > 0
@@ -542,10 +565,10 @@ class TrainingPlan:
         if overlap:
             raise PlanError(f"BD-LoRA modules {sorted(overlap)} cannot have both A and B block-diagonal")
         # A method option given to a built-in method that ignores it is a mistake: say so, not ignore it.
-        if self.method not in _OPTION_CHECKED:
+        if self.method not in BUILTIN_METHOD_NAMES:
             return
         for name, readers in METHOD_OPTIONS.items():
-            if self.method not in readers and getattr(self, name) != _DEFAULTS[name]:
+            if self.method not in readers and getattr(self, name) != PLAN_DEFAULTS[name]:
                 methods = ", ".join(readers[:-1]) + (" or " if len(readers) > 1 else "") + readers[-1]
                 raise PlanError(f"{spelling.get(name, name)} applies to {methods}, not {self.method}")
 
@@ -572,10 +595,8 @@ _TUPLE_FIELDS = (
     "bdlora_b",
     "feedforward_modules",
 )
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainingPlan)}
-_OPTION_CHECKED = frozenset({"full", "freeze", "prompt-tuning", "prefix-tuning", "p-tuning"}).union(
-    *METHOD_OPTIONS.values()
-)
+#: Every field's default (the one source ``--help`` quotes, :func:`peftaudit.memory.cli.plan_default`).
+PLAN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainingPlan)}
 
 
 @dataclass(frozen=True)
@@ -593,6 +614,7 @@ __all__ = [
     "ADAPTER_DTYPES",
     "ATTENTIONS",
     "BASE_DTYPES",
+    "BUILTIN_METHOD_NAMES",
     "GALORE_METHOD_NAMES",
     "GALORE_PROJECTIONS",
     "LENGTHS",
@@ -602,6 +624,7 @@ __all__ = [
     "OFFLOADS",
     "OPTIMIZERS",
     "OPTIMIZER_IMPLS",
+    "PLAN_DEFAULTS",
     "PRECISIONS",
     "PROMPT_ENCODERS",
     "SHARDINGS",

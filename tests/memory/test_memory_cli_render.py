@@ -131,7 +131,7 @@ def test_method_options_refused_where_they_do_nothing(argv: tuple[str, ...], mes
 
 def test_method_help_lists_every_builtin_method() -> None:
     """--method's help is written without importing the registry (no torch for --help): it must not drift."""
-    from peftaudit.memory.cli import BUILTIN_METHOD_NAMES
+    from peftaudit.memory.plan import BUILTIN_METHOD_NAMES
     from peftaudit.plugins import memory_methods
 
     assert set(BUILTIN_METHOD_NAMES) == set(memory_methods())

@@ -60,7 +60,11 @@ _PROFILES: dict[int, tuple[weakref.ref[Inventory], dict[tuple[Any, ...], Any]]] 
 _WINDOWS = ("attention windows",)
 
 
+#: Fields outside the recorded step that the static memory prepared with it reads: they key ``_prepare``
+#: (foreach's scratch, AdaLoRA's allocator statistics, GaLore's low-rank states and step).
+_STATIC_ONLY = ("optimizer_impl", "adalora_allocator", "galore_rank", "galore_targets", "galore_proj")
 _NOT_IN_PROFILE = {
+    *_STATIC_ONLY,
     "batch_size",
     "seq_len",
     "gpus",
@@ -71,17 +75,11 @@ _NOT_IN_PROFILE = {
     "allocator_fraction",
     "expandable_segments",
     "lengths",
-    "optimizer_impl",
     # The stack changes the step only through the rules it applies to the model (stack_rules), which key it.
     "stack",
-    # Options that change no tensor's shape (scaling, learning rates) or only the optimizer step.
+    # Options that change no tensor's shape (scaling, learning rates).
     "use_rslora",
     "lora_plus_ratio",
-    "adalora_allocator",
-    # GaLore's options change its optimizer states and step only (static memory, keyed in _prepare).
-    "galore_rank",
-    "galore_targets",
-    "galore_proj",
 }
 _PROFILE_FIELDS = tuple(f.name for f in dataclass_fields(TrainingPlan) if f.name not in _NOT_IN_PROFILE)
 
@@ -148,18 +146,8 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     beyond = reached(model_windows, plan.seq_len)
     # An older stack's rules (stack_rules): the model as that release builds it, its step traced so.
     rules = active_rules(inventory, plan)
-    # The optimizer's implementation and AdaLoRA's rank allocator do not change the recorded step, but
-    # they do change the static memory prepared with it (foreach's scratch, the allocator's statistics).
-    key = (
-        *_profile_key(plan),
-        beyond,
-        activations,
-        plan.stack,
-        rules,
-        plan.optimizer_impl,
-        plan.adalora_allocator,
-        (plan.galore_rank, plan.galore_targets, plan.galore_proj),
-    )
+    static_only = tuple(getattr(plan, name) for name in _STATIC_ONLY)
+    key = (*_profile_key(plan), beyond, activations, plan.stack, rules, *static_only)
     hit = store.get(key)
     if hit is not None:
         return hit

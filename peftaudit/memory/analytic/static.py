@@ -9,6 +9,7 @@ gradients, and the optimizer's states.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from peftaudit.inventory import Inventory, ParameterRecord
@@ -130,24 +131,16 @@ def static_memory(inventory: Inventory, plan: TrainingPlan, adaptation: Adaptati
             # RankAllocator.update_ipt (peft tuners/adalora/layer.py) keeps ipt, exp_avg_ipt and
             # exp_avg_unc, zeros_like each lora_A, lora_E and lora_B, from the first
             # update_and_allocate on: optimizer-state-like memory (ranknum is not among them).
-            allocator += 3 * sum(TrainableTensor(shape, adapter_dtype).numel for shape in a.tensors()[:3])
+            allocator += 3 * sum(math.prod(shape) for shape in a.tensors()[:3])
     allocator *= nbytes(adapter_dtype)
-    if adaptation.prompt_tensors:
-        # peft builds prompt encoders in float32 after the model is loaded and never casts them
-        # (peft_model.py:_setup_prompt_encoder); only an explicit adapter dtype changes that.
-        dtype = prompt_dtype(plan)
-        for shape in adaptation.prompt_tensors:
-            tensor = TrainableTensor(shape, dtype)
-            trainable_bytes += tensor.numel * nbytes(dtype)
-            trainable_params += tensor.numel
-            tensors.append(tensor)
-            reached.append(True)
-    elif adaptation.prompt_params:
-        # Prompt tuning's embedding is such an encoder too: float32 whatever the model's dtype.
-        dtype = prompt_dtype(plan)
-        trainable_bytes += adaptation.prompt_params * nbytes(dtype)
-        trainable_params += adaptation.prompt_params
-        tensors.append(TrainableTensor((adaptation.prompt_params,), dtype))
+    # peft builds prompt encoders (prompt tuning's embedding too) in float32 after the model is loaded and
+    # never casts them (peft_model.py:_setup_prompt_encoder); only an explicit adapter dtype changes that.
+    dtype = prompt_dtype(plan)
+    for shape in adaptation.prompt_shapes:
+        tensor = TrainableTensor(shape, dtype)
+        trainable_bytes += tensor.numel * nbytes(dtype)
+        trainable_params += tensor.numel
+        tensors.append(tensor)
         reached.append(True)
     if not plan.training:
         return Static(
