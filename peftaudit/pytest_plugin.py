@@ -45,6 +45,14 @@ MARKER_ARGUMENTS: dict[str, str] = {
     "(default: the ini value, else the installed ones)",
     "expandable_segments": "for `fits`: the run sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (default False)",
     "lengths": "for `fits`: 'fixed' batch lengths (packed or padded) or 'varied' (default 'fixed')",
+    "objective": "for `fits`: what the step optimises, as TRL's trainers run it: sft (default), dpo, kto, orpo, "
+    "simpo, reward, grpo (batch_size then counts pairs, or grpo's prompts)",
+    "generations": "for `fits` with objective='grpo': completions per prompt (default 8)",
+    "completion_len": "for `fits` with objective='grpo': tokens per completion, within seq_len (default 512)",
+    "generation": "for `fits` with objective='grpo': transformers (default), vllm-colocate or vllm-server",
+    "vllm_memory": "for `fits` with generation='vllm-colocate': fraction of the GPU vLLM holds (default 0.3)",
+    "beta": "for `fits`: the objective's beta (grpo above 0 loads a reference model)",
+    "precompute_ref": "for `fits` with objective dpo or kto: reference log-probs computed before training",
     "model": "name of the fixture holding the model to check (default: the only nn.Module fixture)",
 }
 
@@ -109,6 +117,29 @@ class MarkerChecks:
     stack: str | None = None
     expandable_segments: bool = False
     lengths: str = "fixed"
+    objective: str | None = None
+    generations: int | None = None
+    completion_len: int | None = None
+    generation: str | None = None
+    vllm_memory: float | None = None
+    beta: float | None = None
+    precompute_ref: bool | None = None
+
+    def objective_fields(self) -> dict[str, Any]:
+        """The objective's plan fields the marker gives (the rest keep the plan's defaults)."""
+        return {name: getattr(self, name) for name in _OBJECTIVE_ARGUMENTS if getattr(self, name) is not None}
+
+
+#: Marker arguments that are :class:`~peftaudit.memory.plan.TrainingPlan`'s objective fields, of the same names.
+_OBJECTIVE_ARGUMENTS = (
+    "objective",
+    "generations",
+    "completion_len",
+    "generation",
+    "vllm_memory",
+    "beta",
+    "precompute_ref",
+)
 
 
 def parse_marker(mark: pytest.Mark) -> MarkerChecks:
@@ -125,7 +156,7 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
         value = kw.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a number between 0 and 1, got {value!r}")
-    for name in ("max_trainable", "seq_len", "batch_size", "gpus"):
+    for name in ("max_trainable", "seq_len", "batch_size", "gpus", "generations", "completion_len"):
         value = kw.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a positive integer, got {value!r}")
@@ -137,11 +168,18 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
         value = kw.get(name)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a non-empty string, got {value!r}")
-    if not isinstance(kw.get("expandable_segments", False), bool):
-        raise ValueError(
-            f"@pytest.mark.peftaudit(expandable_segments=...) must be True or False, got {kw['expandable_segments']!r}"
-        )
-    from peftaudit.memory.plan import LENGTHS
+    for name in ("expandable_segments", "precompute_ref"):
+        if not isinstance(kw.get(name, False), bool):
+            raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be True or False, got {kw[name]!r}")
+    for name in ("vllm_memory", "beta"):
+        value = kw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a number, got {value!r}")
+    from peftaudit.memory.plan import GENERATIONS, LENGTHS, OBJECTIVES
+
+    for name, known in (("objective", OBJECTIVES), ("generation", GENERATIONS)):
+        if kw.get(name) is not None and kw[name] not in known:
+            raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be one of {', '.join(known)}, got {kw[name]!r}")
 
     if kw.get("lengths", "fixed") not in LENGTHS:
         raise ValueError(
@@ -261,6 +299,7 @@ def _check_fit(config: pytest.Config, model: Any, checks: MarkerChecks, item: py
             stack=stack,
             expandable_segments=checks.expandable_segments,
             lengths=checks.lengths,
+            objective=checks.objective_fields(),
         )
     except PeftauditError as exc:
         pytest.fail(f"@pytest.mark.peftaudit(fits=...): {exc}", pytrace=False)

@@ -53,12 +53,31 @@ def resolve_model(args: argparse.Namespace) -> tuple[ResolvedModel, ModelSource,
     return resolved, source, options
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
+def load_model(args: argparse.Namespace, objective: str = "sft") -> LoadedModel:
     """Resolve MODEL, build it on the meta device and walk it (:func:`peftaudit.sources.load`),
-    or read it from the model cache when it was built before (unless ``--no-cache``)."""
+    or read it from the model cache when it was built before (unless ``--no-cache``). ``objective``:
+    the model that objective trains (a reward model is its sequence-classification class)."""
     from peftaudit.sources.load import load_resolved
 
-    return load_resolved(*resolve_model(args), use_cache=use_cache(args))
+    resolved, source, options = resolve_model(args)
+    return load_resolved(model_for_objective(resolved, objective), source, options, use_cache=use_cache(args))
+
+
+def model_for_objective(resolved: ResolvedModel, objective: str) -> ResolvedModel:
+    """``resolved`` as ``objective`` trains it: ``reward`` trains the model's sequence-classification class
+    with one label, as TRL's reward trainer loads it (a note on stderr says so)."""
+    if objective != "reward":
+        return resolved
+    from dataclasses import replace
+
+    from peftaudit.commands._output import warn
+    from peftaudit.memory.objectives import reward_model_config
+
+    config = reward_model_config(resolved.config)
+    if config is None:
+        return resolved
+    warn(f"the reward objective trains {config['architectures'][0]} with one label (TRL's reward model)")
+    return replace(resolved, config=config)
 
 
 def use_cache(args: argparse.Namespace) -> bool:

@@ -28,4 +28,5 @@ def model_and_plans(args: argparse.Namespace, default_methods: str) -> tuple[Loa
     from peftaudit.memory import cli as memory_cli
 
     plans = memory_cli.plans_from_args(args, default_methods=default_methods)  # bad flags: refused before loading
-    return load_model(args), plans
+    objective = plans[0].objective if plans else "sft"  # one objective for every plan (one flag sets it)
+    return load_model(args, objective), plans

@@ -23,7 +23,8 @@ def add_parser(sub: Any) -> None:
         description=(
             "Without MODEL, list the GPU catalog. With MODEL, find for each GPU and method the smallest "
             "setup that fits (one GPU, else 2, 4, 8, ... with DDP, ZeRO-2, ZeRO-3 and offload), and chart "
-            "peak memory against sequence length. Methods default to --compare full,lora,qlora."
+            "peak memory against sequence length (for --objective grpo: against completion length, the "
+            "prompt's length kept). Methods default to --compare full,lora,qlora."
         ),
     )
     add_model_arguments(parser, required=False)
@@ -64,25 +65,36 @@ def run(args: argparse.Namespace) -> int:
     with task(f"sizing {', '.join(p.method for p in plans)} on {len(gpus)} GPUs") as progress:
         rows = sweep(inventory, plans, gpus, max_gpus=args.max_gpus, progress=progress)
     notes = checkpointing_notes(inventory, [p for p in plans if not p.gradient_checkpointing])
+    # GRPO's chart varies the completion after a prompt of fixed length (its seq-len is prompt + completion).
+    grpo = plans[0].objective == "grpo"  # one --objective for every plan
+    prompt = plans[0].seq_len - plans[0].completion_len if grpo else 0
     context = inventory.dims.max_position_embeddings or CHART_SEQ_LENS[-1]
-    seqs = [s for s in CHART_SEQ_LENS if s <= context] or [CHART_SEQ_LENS[0]]
-    limits = _limits(gpus)
+    seqs = [s for s in CHART_SEQ_LENS if prompt + s <= context] or [CHART_SEQ_LENS[0]]
+    limits = _limits(gpus, plans[0])
     curve = _curve(inventory, plans, seqs, max(b for _, b in limits))
     if args.plot:
         from peftaudit.gpus.plot import write_plot
 
-        write_plot(args.plot, curve, limits, f"{model.resolved.id}: peak memory per GPU")
+        # The axis is labelled sequence length: GRPO's title says what its lengths are.
+        by = f" by completion length after a {prompt:,}-token prompt" if grpo else ""
+        write_plot(args.plot, curve, limits, f"{model.resolved.id}: peak memory per GPU{by}")
     if fmt == "json":
-        data = {
+        data: dict[str, Any] = {
             "model": model.resolved.id,
             "plans": [p.to_dict() for p in plans],
             "gpus": [
                 {"gpu": g.name, "usable_bytes": g.usable_bytes, "fits": [f.to_dict() for f in fits]}
                 for g, fits in zip(gpus, rows, strict=True)
             ],
-            "by_seq_len": {m: [{"seq_len": s, "peak_bytes": b} for s, b in pts] for m, pts in curve.items()},
-            "notes": notes,
         }
+        if grpo:
+            data["by_completion_len"] = {
+                m: [{"completion_len": c, "seq_len": prompt + c, "peak_bytes": b} for c, b in pts]
+                for m, pts in curve.items()
+            }
+        else:
+            data["by_seq_len"] = {m: [{"seq_len": s, "peak_bytes": b} for s, b in pts] for m, pts in curve.items()}
+        data["notes"] = notes
         emit(dumps(data) + "\n", args)
         return ExitCode.OK
     out, buffer = render.console(width(args), use_color(args))  # rich: for tables only
@@ -92,18 +104,25 @@ def run(args: argparse.Namespace) -> int:
     render.sweep_table(rows, labels, gpus, out)
     for note in notes:
         out.print(note, markup=False)
-    render.seq_chart(curve, limits, out)
+    render.seq_chart(curve, limits, out, by=f"completion length (after a {prompt:,}-token prompt)" if grpo else None)
     emit(buffer.getvalue(), args)
     return ExitCode.OK
 
 
 def _curve(inventory: Any, plans: list[Any], seqs: list[int], ceiling: int) -> dict[str, list[tuple[int, int]]]:
-    """Peak per GPU at each length, stopping after the first length where every method is past ``ceiling``."""
+    """Peak per GPU at each length, stopping after the first length where every method is past ``ceiling``.
+
+    GRPO's lengths are completions after the plan's prompt (every plan tried keeps a prompt)."""
     from peftaudit.gpus.sizing import peak_bytes
+
+    def at(plan: Any, length: int) -> Any:
+        if plan.objective == "grpo":
+            return plan.with_(seq_len=plan.seq_len - plan.completion_len + length, completion_len=length)
+        return plan.with_(seq_len=length)
 
     curve: dict[str, list[tuple[int, int]]] = {p.method: [] for p in plans}
     for seq in seqs:
-        peaks = {p.method: peak_bytes(inventory, p.with_(seq_len=seq)) for p in plans}
+        peaks = {p.method: peak_bytes(inventory, at(p, seq)) for p in plans}
         for method, b in peaks.items():
             curve[method].append((seq, b))
         if all(b > ceiling for b in peaks.values()):
@@ -111,14 +130,17 @@ def _curve(inventory: Any, plans: list[Any], seqs: list[int], ceiling: int) -> d
     return curve
 
 
-def _limits(gpus: list[Any]) -> list[tuple[str, int]]:
-    """GPU memory lines for the chart: one per distinct usable size, at most five."""
+def _limits(gpus: list[Any], plan: Any) -> list[tuple[str, int]]:
+    """GPU memory lines for the chart: one per distinct usable size, at most five; what the training step of
+    ``plan`` may use (less a colocated vLLM's share)."""
+    from peftaudit.gpus.sizing import training_usable_bytes
+
+    lookup = {g.name: training_usable_bytes(plan, g) for g in gpus}
     by_size: dict[int, str] = {}
-    for g in sorted(gpus, key=lambda g: g.usable_bytes):
-        by_size.setdefault(round(g.usable_bytes / 2**30), g.name)
+    for g in sorted(gpus, key=lambda g: lookup[g.name]):
+        by_size.setdefault(round(lookup[g.name] / 2**30), g.name)
     chosen = sorted(by_size.items())
     if len(chosen) > 5:
         step = len(chosen) / 5
         chosen = [chosen[int(i * step)] for i in range(5)]
-    lookup = {g.name: g.usable_bytes for g in gpus}
     return [(name, lookup[name]) for _, name in chosen]

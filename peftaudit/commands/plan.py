@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from peftaudit.errors import PeftauditError
     from peftaudit.gpus import find_gpu, render
     from peftaudit.gpus.sizing import checkpointing_skipped, fit, run_cost, smallest_setup
+    from peftaudit.memory.objectives import objective_step
     from peftaudit.units import parse_tokens
 
     fmt = table_or_json(args, "plan")
@@ -59,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
             )
         sized = chosen.applied_to(plan)  # the plan the setup runs: its FLOPs include any recompute
         cost = run_cost(inventory, sized, gpu, tokens=tokens, mfu=args.mfu, price_per_gpu_hour=args.price)
-        tokens_per_step = sized.batch_size * sized.seq_len * sized.gpus * sized.gradient_accumulation
+        # The sequences one micro-batch trains: a pair objective's batch counts pairs, GRPO's prompts (x G).
+        sequences = objective_step(sized).rows
+        tokens_per_step = sequences * sized.seq_len * sized.gpus * sized.gradient_accumulation
         steps = math.ceil(tokens / tokens_per_step)
         step_seconds = cost.seconds / steps
         rows.append(

@@ -17,7 +17,7 @@ EXPORTS = ("peft", "peft-json", "axolotl", "llama-factory", "trl")
 
 
 def add_parser(sub: Any) -> None:
-    from peftaudit.memory.cli import ALLOCATOR_FLAGS, STACK_FLAG, add_flag, plan_default
+    from peftaudit.memory.cli import ALLOCATOR_FLAGS, OBJECTIVE_FLAGS, STACK_FLAG, add_flag, plan_default
 
     parser = sub.add_parser(
         "recommend",
@@ -52,6 +52,8 @@ def add_parser(sub: Any) -> None:
     )
     add_flag(plan, STACK_FLAG)  # the estimator's own --stack, as report, fit, gpus and plan have it
     for flag in ALLOCATOR_FLAGS:  # and its --expandable-segments and --lengths
+        add_flag(plan, flag)
+    for flag in OBJECTIVE_FLAGS:  # and its --objective with the objectives' options
         add_flag(plan, flag)
     plan.add_argument("--add-tokens", type=int, default=0, metavar="N", help="tokens you add to the tokenizer")
     lora = parser.add_argument_group("LoRA (fix any of these yourself; the rest is recommended)")
@@ -116,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise PeftauditError(f"--{name.replace('_', '-')} must be a positive integer")
 
+    objective = _objective_fields(args)  # bad objective flags: refused before loading
     budget = parse_size(args.budget) if args.budget else None
     gpu_name = None
     if args.gpu:
@@ -127,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             budget = gpu.usable_bytes
         else:
             warn(f"--budget {args.budget} overrides the {gpu.name}'s memory")
+    if budget is not None:
+        budget = _less_vllm(budget, objective, gpu_name)
     targets = None
     if args.target_modules:
         targets = TargetSpec.from_user(
@@ -153,8 +158,9 @@ def run(args: argparse.Namespace) -> int:
         stack=STACK_FLAG.value(args.memory_stack) if args.memory_stack is not None else (),
         expandable_segments=bool(args.memory_expandable_segments),
         lengths=args.memory_lengths or "fixed",
+        objective=tuple(objective.items()),
     )
-    loaded = load_model(args)
+    loaded = load_model(args, objective.get("objective", "sft"))
     rec = recommend(loaded.inventory, loaded.facts, request)
 
     if args.export:
@@ -174,6 +180,41 @@ def run(args: argparse.Namespace) -> int:
     if why:
         sys.stderr.write(f"peftaudit: {why}\n")
     return code
+
+
+def _objective_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan fields ``--objective`` and its options give, checked as the estimator's plan checks them
+    (a :class:`~peftaudit.memory.plan.PlanError`: one line, exit 2)."""
+    from peftaudit.memory import TrainingPlan
+    from peftaudit.memory.cli import OBJECTIVE_FLAGS
+
+    fields = {
+        flag.field: flag.value(getattr(args, flag.dest))
+        for flag in OBJECTIVE_FLAGS
+        if getattr(args, flag.dest, None) is not None
+    }
+    spelling = {flag.field: flag.flag for flag in OBJECTIVE_FLAGS}
+    spelling.update(seq_len="--seq-len", batch_size="--batch-size")
+    TrainingPlan(batch_size=args.batch_size, seq_len=args.seq_len, **fields).validate(spelling)
+    return fields
+
+
+def _less_vllm(budget: int, objective: dict[str, Any], gpu: str | None) -> int:
+    """The memory ``budget`` leaves the training step once a colocated vLLM engine (GRPO, ``--generation
+    vllm-colocate``) holds its fraction of the device (``--vllm-memory``; said on stderr)."""
+    from peftaudit.gpus.sizing import vllm_share
+    from peftaudit.memory import TrainingPlan
+    from peftaudit.render.numbers import gib
+
+    plan = TrainingPlan(**objective)
+    held = vllm_share(plan, budget)
+    if not held:
+        return budget
+    warn(
+        f"vLLM colocated holds {gib(held)} of the {(gpu + ' ') if gpu else ''}{gib(budget)} "
+        f"(--vllm-memory {plan.vllm_memory:g}): the training step must fit in the {gib(budget - held)} left"
+    )
+    return budget - held
 
 
 def _names(text: str | None) -> tuple[str, ...]:

@@ -89,8 +89,11 @@ def _report_and_findings(
     use_cache = not args.no_cache
     if not plans and not checks:
         return report_for(resolved, source, options, use_cache=use_cache, glance=glance), ()
+    from peftaudit.commands._model import model_for_objective
     from peftaudit.sources.load import load_resolved
 
+    if plans:
+        resolved = model_for_objective(resolved, plans[0].objective)  # one objective for every plan
     # One meta build (or model cache entry) for the report, estimates and checks.
     loaded = load_resolved(resolved, source, options, use_cache=use_cache)
     report = report_for(resolved, source, options, use_cache=use_cache, loaded=loaded, glance=glance)
@@ -139,15 +142,18 @@ def _estimates(inventory: Any, plans: Any) -> list[Any]:
 
 
 def _raise_if_plan_is_wrong(inventory: Any, plan: Any, exc: Exception) -> None:
-    """Re-raise ``exc`` when the plan itself is at fault: it fails validation or its targets on this model."""
+    """Re-raise ``exc`` when the plan itself is at fault: it fails validation, its objective or its targets on
+    this model."""
     from peftaudit.memory import PlanError
     from peftaudit.memory.images import check_images
+    from peftaudit.memory.objectives import check_objective
     from peftaudit.memory.targets import saved_modules
     from peftaudit.plugins import memory_methods
 
     try:
         plan.validate()
         check_images(inventory.config or {}, plan, inventory.architecture)
+        check_objective(inventory, plan)  # an objective this model's class cannot train
         # The method's own targets and refusals (LoRA's, AdaLoRA's defaults, GaLore's nn.Linear targets...).
         memory_methods()[plan.method].adapt(inventory, plan)
         saved_modules(inventory, plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,15 @@ class LiveFit:
         from peftaudit.memory.stack import describe
 
         named = describe(self.plan.get("stack"))
-        return (
-            f"{self.model} {f.method} (r={self.plan.get('rank')}) batch {f.batch_size} x seq {f.seq_len:,} "
-            f"on {f.setup()} {f.gpu}" + (f", stack {named}" if named else "")
+        batch = f"batch {f.batch_size} x seq {f.seq_len:,}"
+        if f.objective == "grpo":
+            batch = (
+                f"{f.batch_size} x {f.generations} generations x seq {f.seq_len:,} ({f.completion_len:,} completion)"
+            )
+        if f.objective != "sft":
+            batch = f"{f.objective} {batch}"
+        return f"{self.model} {f.method} (r={self.plan.get('rank')}) {batch} on {f.setup()} {f.gpu}" + (
+            f", stack {named}" if named else ""
         )
 
     def explain(self) -> str:
@@ -38,8 +45,9 @@ class LiveFit:
         verdict = "fits" if f.fits else "does not fit"
         return (
             f"{self.summary} {verdict}: estimated peak {f.peak_bytes / gib:.2f} GiB per GPU, "
-            f"{f.usable_bytes / gib:.2f} GiB usable ({abs(f.headroom_bytes) / gib:.2f} GiB "
-            f"{'spare' if f.fits else 'short'})"
+            f"{f.usable_bytes / gib:.2f} GiB usable"
+            + (f" beside vLLM's {f.vllm_bytes / gib:.2f} GiB" if f.vllm_bytes else "")
+            + f" ({abs(f.headroom_bytes) / gib:.2f} GiB {'spare' if f.fits else 'short'})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +65,7 @@ def fit_live_model(
     stack: str | tuple[tuple[str, str], ...] = (),
     expandable_segments: bool = False,
     lengths: str = "fixed",
+    objective: Mapping[str, Any] | None = None,
 ) -> LiveFit:
     """Estimate ``model``'s training plan on ``gpu``, reading the adapter from a PeftModel.
 
@@ -70,7 +79,9 @@ def fit_live_model(
     ``lora`` (the pytest marker's default) leaves the adapter's own method. ``stack``: the
     releases the run uses (``"transformers==4.44,peft==0.12"``; default the installed ones).
     ``expandable_segments`` and ``lengths`` (``fixed`` or ``varied``): how the caching allocator
-    is set up and what batches it sees (:class:`~peftaudit.memory.plan.TrainingPlan`).
+    is set up and what batches it sees (:class:`~peftaudit.memory.plan.TrainingPlan`). ``objective``: the
+    training objective's plan fields (``{"objective": "grpo", "generations": 16}``; default sft), checked as
+    any plan is.
     """
     from peftaudit.gpus.catalog import find_gpu
     from peftaudit.gpus.sizing import fit
@@ -97,6 +108,7 @@ def fit_live_model(
         expandable_segments=expandable_segments,
         lengths=lengths,
         **fields,
+        **dict(objective or {}),
     )
     plan.validate()
     return LiveFit(fit=fit(inventory, plan, find_gpu(gpu)), model=name, plan=plan.to_dict())

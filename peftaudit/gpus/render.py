@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from peftaudit.gpus.catalog import GPU
-    from peftaudit.gpus.sizing import Fit, Largest, LargestFit, RunCost
+    from peftaudit.gpus.sizing import Fit, Largest, LargestFit, LargestGenerationFit, RunCost
     from peftaudit.memory.plan import TrainingPlan
     from peftaudit.render.plan import PlanLine
 
@@ -81,21 +81,39 @@ def sweep_table(rows: Sequence[Sequence[Fit]], methods: Sequence[str], gpus: Seq
     for m in methods:
         table.add_column(m, overflow="fold")
     for gpu, fits in zip(gpus, rows, strict=True):
-        table.add_row(gpu.name, gib(gpu.usable_bytes), *(_cell(f) for f in fits))
+        # What the training step may use: less a colocated vLLM's share where the plans have one.
+        usable = fits[0].usable_bytes if fits else gpu.usable_bytes
+        table.add_row(gpu.name, gib(usable), *(_cell(f) for f in fits))
     out.print(table)
+    held = next((f for fits in rows for f in fits if f.vllm_bytes), None)
+    if held is not None:
+        share = held.vllm_bytes / (held.usable_bytes + held.vllm_bytes)
+        out.print(f"Usable: what the training step gets after vLLM's {share:.0%} of each GPU", markup=False)
+
+
+def usable_words(usable_bytes: int, vllm_bytes: int = 0) -> str:
+    """``79.3 GiB usable``, and ``, 23.8 GiB of it held by vLLM`` where a colocated vLLM engine holds some."""
+    text = f"{usable_bytes / 2**30:.1f} GiB usable"
+    return text + (f", {vllm_bytes / 2**30:.1f} GiB of it held by vLLM" if vllm_bytes else "")
 
 
 def seq_chart(
-    curve: dict[str, list[tuple[int, int]]], limits: Sequence[tuple[str, int]], out: Console, width: int = 40
+    curve: dict[str, list[tuple[int, int]]],
+    limits: Sequence[tuple[str, int]],
+    out: Console,
+    width: int = 40,
+    *,
+    by: str | None = None,
 ) -> None:
-    """A terminal chart of peak memory against sequence length, one bar per method and length.
+    """A terminal chart of peak memory against sequence length (or what ``by`` names), one bar per method
+    and length.
 
     ``|`` marks each GPU's usable memory on the scale; a bar past a mark does not fit that GPU.
     """
     peak = max([b for points in curve.values() for _, b in points] + [b for _, b in limits] + [1])
     scale = width / peak
     marks = sorted({min(width - 1, int(b * scale)): name for name, b in limits}.items())
-    out.print(f"Peak memory per GPU by sequence length (bar width {width} = {gib(peak)})")
+    out.print(f"Peak memory per GPU by {by or 'sequence length'} (bar width {width} = {gib(peak)})", markup=False)
     legend = "  ".join(f"{name}={gib(b)}" for name, b in limits)
     if legend:
         out.print(f"GPU limits (|): {legend}")
@@ -133,7 +151,11 @@ def fit_table(results: Sequence[LargestFit], out: Console) -> None:
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    for name in ("Method", "Grad. ckpt", "Max batch", "at seq", "Max seq len", "at batch"):
+    # A pairs objective's batch counts preference pairs (two sequences each): the headers say so.
+    from peftaudit.gpus.sizing import batch_unit
+
+    batch = "pairs" if results and batch_unit(results[0].plan) == "pairs" else "batch"
+    for name in ("Method", "Grad. ckpt", f"Max {batch}", "at seq", "Max seq len", f"at {batch}"):
         table.add_column(name, justify="left" if name in ("Method", "Grad. ckpt") else "right")
     for r, rest in zip(results, line.rest, strict=True):
         table.add_row(
@@ -150,6 +172,46 @@ def fit_table(results: Sequence[LargestFit], out: Console) -> None:
         out.print(_cap_note(what, cap, reason), markup=False)
 
 
+def generation_fit_table(results: Sequence[LargestGenerationFit], out: Console) -> None:
+    """GRPO's fit table: the plan line, then rows: method, checkpointing, the prompts and their length, the most
+    generations per prompt (at the completion length) and the longest completion (at the generations)."""
+    from rich import box
+    from rich.table import Table
+
+    line = plan_lines([r.plan for r in results], out, omit=("batch", "checkpointing"))
+    table = Table(
+        title="Largest that fits (searched with the estimator; one step more does not fit)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    # The searches keep the prompts and their length: one line says them where every plan shares them.
+    prompts = {(r.plan.batch_size, r.prompt_len) for r in results}
+    shared = len(prompts) == 1
+    names = ("Method", "Grad. ckpt", *(() if shared else ("Prompts", "Prompt len")), "Max generations")
+    for name in (*names, "at completion", "Max completion", "at generations"):
+        table.add_column(name, justify="left" if name in ("Method", "Grad. ckpt") else "right")
+    for r, rest in zip(results, line.rest, strict=True):
+        table.add_row(
+            f"{r.plan.method} ({rest})" if rest else r.plan.method,
+            "on" if r.plan.gradient_checkpointing else "off",
+            *(() if shared else (f"{r.plan.batch_size:,}", f"{r.prompt_len:,}")),
+            _largest(r.generations),
+            f"{r.plan.completion_len:,}",
+            _largest(r.completion),
+            f"{r.plan.generations:,}",
+        )
+    if shared:
+        count, length = next(iter(prompts))
+        plural = "s" if count != 1 else ""
+        words = f"{count:,} prompt{plural} of {length:,} tokens"
+        out.print(f"searched at {words} (--batch-size; --seq-len less --completion-len)", markup=False)
+    out.print(table)
+    capped = [("generations", r.generations, 0) for r in results if r.generations.capped]
+    capped += [("completion", r.completion, r.prompt_len) for r in results if r.completion.capped]
+    for what, cap, reason, prompt in dict.fromkeys((w, found.cap, found.cap_reason, p) for w, found, p in capped):
+        out.print(_cap_note(what, cap, reason, prompt), markup=False)
+
+
 def _largest(found: Largest) -> str:
     """``"832"``, ``"none"``, or ``"131,072 (capped)"`` where the search's cap, not the memory, stopped it."""
     if not found.value:
@@ -157,10 +219,17 @@ def _largest(found: Largest) -> str:
     return f"{found.value:,}" + (" (capped)" if found.capped else "")
 
 
-def _cap_note(what: str, cap: int, reason: str) -> str:
+def _cap_note(what: str, cap: int, reason: str, prompt: int = 0) -> str:
     """The line under the fit table that says which cap a ``(capped)`` value met: more may fit in memory."""
-    if what == "batch":
-        return f"(capped): the batch search stops at its maximum, {cap:,}"
+    if what in ("batch", "generations"):
+        return f"(capped): the {what} search stops at its maximum, {cap:,}"
+    if what == "completion":
+        if reason == "context":
+            return (
+                f"(capped): the completion search stops at the model's context (max_position_embeddings) less "
+                f"the {prompt:,}-token prompt, {cap:,} tokens"
+            )
+        return f"(capped): the completion search stops at its maximum, {cap:,} tokens"
     if reason == "context":
         return f"(capped): the length search stops at the model's context, {cap:,} tokens (max_position_embeddings)"
     return f"(capped): the length search stops at its maximum, {cap:,} tokens"

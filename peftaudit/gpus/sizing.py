@@ -7,6 +7,7 @@ allocator margin included) is at most the GPU's usable memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,39 @@ SCALE_OUT: tuple[tuple[str, str], ...] = (
 )
 #: Sequence lengths are searched in steps of this many tokens.
 SEQ_STEP = 64
+#: Objectives whose ``batch_size`` counts preference pairs: each pair is two sequences (chosen, rejected).
+PAIR_OBJECTIVES: tuple[str, ...] = ("dpo", "orpo", "simpo", "reward")
+
+
+def batch_unit(plan: TrainingPlan) -> str:
+    """What ``plan.batch_size`` counts: ``pairs`` (:data:`PAIR_OBJECTIVES`), ``prompts`` (GRPO: each
+    generates ``plan.generations`` completions) or ``sequences``."""
+    if plan.objective in PAIR_OBJECTIVES:
+        return "pairs"
+    return "prompts" if plan.objective == "grpo" else "sequences"
+
+
+def vllm_bytes(plan: TrainingPlan, gpu: GPU) -> int:
+    """Bytes of ``gpu`` a colocated vLLM engine holds beside the training step (0 without one).
+
+    TRL's ``vllm_gpu_memory_utilization`` becomes vLLM's ``gpu_memory_utilization``, a fraction of the
+    device's total memory as the driver reports it (``requested_memory = ceil(total_memory x
+    gpu_memory_utilization)``, vllm/v1/worker/utils.py ``request_memory``): the catalog's usable memory.
+    A vLLM server (``vllm-server``) runs on other GPUs and ``transformers`` generates in the step itself.
+    """
+    return vllm_share(plan, gpu.usable_bytes)
+
+
+def vllm_share(plan: TrainingPlan, total_bytes: int) -> int:
+    """Bytes a colocated vLLM engine holds of a device with ``total_bytes`` (0 without one): :func:`vllm_bytes`."""
+    if plan.objective != "grpo" or plan.generation != "vllm-colocate":
+        return 0
+    return math.ceil(total_bytes * plan.vllm_memory)
+
+
+def training_usable_bytes(plan: TrainingPlan, gpu: GPU) -> int:
+    """What the training step of ``plan`` may use of one ``gpu``: its usable memory less a colocated vLLM's."""
+    return gpu.usable_bytes - vllm_bytes(plan, gpu)
 
 
 @dataclass(frozen=True)
@@ -47,6 +81,14 @@ class Fit:
     gradient_checkpointing: bool
     peak_bytes: int
     usable_bytes: int
+    """What the training step may use: the GPU's usable memory less what a colocated vLLM holds."""
+    objective: str = "sft"
+    generations: int = 0
+    """GRPO: completions per prompt (``batch_size`` counts prompts); 0 for the other objectives."""
+    completion_len: int = 0
+    """GRPO: tokens per completion, within ``seq_len``; 0 for the other objectives."""
+    vllm_bytes: int = 0
+    """GRPO with vLLM colocated: the GPU's memory vLLM holds, already taken out of ``usable_bytes``."""
 
     @property
     def fits(self) -> bool:
@@ -82,7 +124,8 @@ class Fit:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """Plain JSON data; an objective's own sizes (GRPO's generations, completion, vLLM) only under it."""
+        data: dict[str, Any] = {
             "gpu": self.gpu,
             "method": self.method,
             "gpus": self.gpus,
@@ -96,6 +139,11 @@ class Fit:
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
         }
+        if self.objective != "sft":
+            data["objective"] = self.objective
+        if self.objective == "grpo":
+            data.update(generations=self.generations, completion_len=self.completion_len, vllm_bytes=self.vllm_bytes)
+        return data
 
 
 Estimator = Callable[["Inventory", "TrainingPlan"], int]
@@ -109,7 +157,13 @@ def peak_bytes(inventory: Inventory, plan: TrainingPlan) -> int:
 
 
 def fit(inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, peak: Estimator = peak_bytes) -> Fit:
-    """Whether ``plan`` fits one ``gpu`` (per GPU, at the plan's own GPU count and sharding)."""
+    """Whether ``plan`` fits one ``gpu`` (per GPU, at the plan's own GPU count and sharding).
+
+    A colocated vLLM engine (GRPO, ``vllm-colocate``) holds its share of the GPU first: the step must fit
+    in the rest (:func:`training_usable_bytes`).
+    """
+    grpo = plan.objective == "grpo"
+    held = vllm_bytes(plan, gpu)
     return Fit(
         gpu=gpu.name,
         method=plan.method,
@@ -120,7 +174,11 @@ def fit(inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, peak: Estimator =
         seq_len=plan.seq_len,
         gradient_checkpointing=plan.gradient_checkpointing,
         peak_bytes=peak(inventory, plan),
-        usable_bytes=gpu.usable_bytes,
+        usable_bytes=gpu.usable_bytes - held,
+        objective=plan.objective,
+        generations=plan.generations if grpo else 0,
+        completion_len=plan.completion_len if grpo else 0,
+        vllm_bytes=held,
     )
 
 
@@ -234,14 +292,16 @@ def largest_seq_len(
     """The longest sequence (a multiple of ``step``) that fits, up to ``limit``.
 
     ``limit`` defaults to the model's ``max_position_embeddings`` (the cap is then
-    the model's context), or :data:`MAX_SEQ` tokens when the config states none.
+    the model's context), or :data:`MAX_SEQ` tokens when the config states none. A GRPO plan keeps its
+    completion length, so the search starts at the first step that leaves a prompt (0 when none fits).
     """
     context = inventory.dims.max_position_embeddings
     ceiling = limit or context or MAX_SEQ
     reason = "context" if not limit and context else "search-limit"
     top = ceiling // step
-    steps = _largest(lambda k: fit(inventory, plan.with_(seq_len=k * step), gpu, peak=peak).fits, 1, top, 1)
-    return Largest(max(steps, 0) * step, ceiling, reason, steps >= top > 0)
+    low = plan.completion_len // step + 1 if plan.objective == "grpo" else 1
+    steps = _largest(lambda k: fit(inventory, plan.with_(seq_len=k * step), gpu, peak=peak).fits, low, top, 1)
+    return Largest(steps * step if steps >= low else 0, ceiling, reason, steps >= top >= low)
 
 
 def max_batch_size(
@@ -281,9 +341,14 @@ class LargestFit:
     at_max_seq: Fit
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; under an objective other than sft, its name and what the batch counts."""
+        objective = {} if self.plan.objective == "sft" else {"objective": self.plan.objective}
+        if objective:
+            objective["batch_counts"] = batch_unit(self.plan)
         return {
             "method": self.plan.method,
             "gradient_checkpointing": self.plan.gradient_checkpointing,
+            **objective,
             "max_batch_size": self.batch.value,
             "max_batch_size_cap": self.batch.cap_to_dict(),
             "at_seq_len": self.plan.seq_len,
@@ -299,7 +364,11 @@ class LargestFit:
 def largest_fit(
     inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, step: int = SEQ_STEP, peak: Estimator = peak_bytes
 ) -> LargestFit:
-    """The largest micro-batch (at ``plan.seq_len``) and the longest sequence (at ``plan.batch_size``) on ``gpu``."""
+    """The largest micro-batch (at ``plan.seq_len``) and the longest sequence (at ``plan.batch_size``) on ``gpu``.
+
+    Not for GRPO, whose sequence holds a completion of fixed length: :func:`largest_generation_fit` searches
+    its generations and completion length (:func:`largest_for_objective` picks).
+    """
     batch = largest_batch_size(inventory, plan, gpu, peak=peak)
     seq = largest_seq_len(inventory, plan, gpu, step=step, peak=peak)
     return LargestFit(
@@ -310,6 +379,115 @@ def largest_fit(
         at_max_batch=fit(inventory, plan.with_(batch_size=max(batch.value, 1)), gpu, peak=peak),
         at_max_seq=fit(inventory, plan.with_(seq_len=max(seq.value, step)), gpu, peak=peak),
     )
+
+
+def largest_generations(
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, limit: int = MAX_BATCH, peak: Estimator = peak_bytes
+) -> Largest:
+    """GRPO: the most completions per prompt (``generations``) that fit at the plan's prompts and lengths,
+    up to ``limit`` (capped when ``limit`` itself fits)."""
+    best = _largest(lambda g: fit(inventory, plan.with_(generations=g), gpu, peak=peak).fits, 1, limit, 1)
+    return Largest(max(best, 0), limit, "search-limit", best >= limit)
+
+
+def prompt_len(plan: TrainingPlan) -> int:
+    """GRPO: the prompt's tokens, ``seq_len`` less the completion (``TrainingPlan.completion_len``)."""
+    return plan.seq_len - plan.completion_len
+
+
+def largest_completion_len(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    gpu: GPU,
+    *,
+    limit: int | None = None,
+    step: int = SEQ_STEP,
+    peak: Estimator = peak_bytes,
+) -> Largest:
+    """GRPO: the longest completion (a multiple of ``step``) that fits after the plan's prompt, up to ``limit``.
+
+    The prompt keeps its length (``seq_len - completion_len``); each try's ``seq_len`` is prompt plus
+    completion, so every plan tried leaves a prompt. ``limit`` (on the completion) defaults to the model's
+    ``max_position_embeddings`` less the prompt (the cap is then the model's context), or :data:`MAX_SEQ`
+    tokens when the config states none.
+    """
+    prompt = prompt_len(plan)
+    context = inventory.dims.max_position_embeddings
+    ceiling = limit or (max(context - prompt, 0) if context else MAX_SEQ)
+    reason = "context" if not limit and context else "search-limit"
+    top = ceiling // step
+
+    def fits(k: int) -> bool:
+        return fit(inventory, plan.with_(seq_len=prompt + k * step, completion_len=k * step), gpu, peak=peak).fits
+
+    steps = _largest(fits, 1, top, 1)
+    return Largest(max(steps, 0) * step, ceiling, reason, steps >= top > 0)
+
+
+@dataclass(frozen=True)
+class LargestGenerationFit:
+    """``peftaudit fit``'s answer for one GRPO plan: the most generations per prompt at the plan's prompt and
+    completion lengths, and the longest completion at its generations (the prompts and the prompt's length
+    fixed), each with the fit at that size and the cap the search reached."""
+
+    plan: TrainingPlan
+    generations: Largest
+    completion: Largest
+    completion_step: int
+    at_max_generations: Fit
+    at_max_completion: Fit
+
+    @property
+    def prompt_len(self) -> int:
+        return prompt_len(self.plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.plan.method,
+            "gradient_checkpointing": self.plan.gradient_checkpointing,
+            "objective": self.plan.objective,
+            "prompts": self.plan.batch_size,
+            "prompt_len": self.prompt_len,
+            "max_generations": self.generations.value,
+            "max_generations_cap": self.generations.cap_to_dict(),
+            "at_completion_len": self.plan.completion_len,
+            "max_completion_len": self.completion.value,
+            "max_completion_len_cap": self.completion.cap_to_dict(),
+            "at_generations": self.plan.generations,
+            "completion_step": self.completion_step,
+            "at_max_generations": self.at_max_generations.to_dict(),
+            "at_max_completion_len": self.at_max_completion.to_dict(),
+        }
+
+
+def largest_generation_fit(
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, step: int = SEQ_STEP, peak: Estimator = peak_bytes
+) -> LargestGenerationFit:
+    """GRPO on ``gpu``: the most generations (at the plan's completion length) and the longest completion (at its
+    generations), both at the plan's prompts and prompt length."""
+    generations = largest_generations(inventory, plan, gpu, peak=peak)
+    completion = largest_completion_len(inventory, plan, gpu, step=step, peak=peak)
+    longest = max(completion.value, step)
+    return LargestGenerationFit(
+        plan=plan,
+        generations=generations,
+        completion=completion,
+        completion_step=step,
+        at_max_generations=fit(inventory, plan.with_(generations=max(generations.value, 1)), gpu, peak=peak),
+        at_max_completion=fit(
+            inventory, plan.with_(seq_len=prompt_len(plan) + longest, completion_len=longest), gpu, peak=peak
+        ),
+    )
+
+
+def largest_for_objective(
+    inventory: Inventory, plan: TrainingPlan, gpu: GPU, *, step: int = SEQ_STEP, peak: Estimator = peak_bytes
+) -> LargestFit | LargestGenerationFit:
+    """What ``peftaudit fit`` searches for ``plan``'s objective: GRPO's generations and completion length
+    (:func:`largest_generation_fit`), the others' micro-batch and sequence length (:func:`largest_fit`)."""
+    if plan.objective == "grpo":
+        return largest_generation_fit(inventory, plan, gpu, step=step, peak=peak)
+    return largest_fit(inventory, plan, gpu, step=step, peak=peak)
 
 
 def _largest(fits: Callable[[int], bool], low: int, high: int, step: int) -> int:

@@ -46,10 +46,13 @@ from peftaudit.memory.plan import (
     BASE_DTYPES,
     BUILTIN_METHOD_NAMES,
     GALORE_PROJECTIONS,
+    GENERATIONS,
     LENGTHS,
     LORA_INITS,
     LOSSES,
     MIB,
+    OBJECTIVE_OPTIONS,
+    OBJECTIVES,
     OFFLOADS,
     OPTIMIZER_IMPLS,
     OPTIMIZERS,
@@ -358,8 +361,61 @@ METHOD_FLAGS: tuple[PlanFlag, ...] = (
     PlanFlag("galore_proj", "--galore-proj", "GaLore projection type (default {default})", choices=GALORE_PROJECTIONS),
 )
 
+#: The training objective and its options (``OBJECTIVE_OPTIONS`` in plan.py says which objectives read each).
+OBJECTIVE_FLAGS: tuple[PlanFlag, ...] = (
+    PlanFlag(
+        "objective",
+        "--objective",
+        "what the step optimises, as TRL's trainers run it: sft (default), dpo, kto, orpo, simpo, reward, grpo",
+        choices=OBJECTIVES,
+    ),
+    PlanFlag(
+        "precompute_ref",
+        "--precompute-ref",
+        "dpo/kto: reference log-probs computed before training (no reference pass or copy in the step)",
+        action="store_true",
+    ),
+    PlanFlag(
+        "beta",
+        "--beta",
+        "the objective's beta (default: TRL's, 0.1; grpo 0.0); changes memory only for grpo, where beta > 0 "
+        "loads a reference model",
+        "B",
+        finite_float,
+    ),
+    PlanFlag(
+        "generations",
+        "--generations",
+        "grpo: completions per prompt (default {default}); --batch-size counts prompts, so a step trains "
+        "batch x generations sequences",
+        "G",
+        int,
+    ),
+    PlanFlag(
+        "completion_len",
+        "--completion-len",
+        "grpo: tokens per completion (default {default}), within --seq-len (prompt + completion)",
+        "N",
+        int,
+    ),
+    PlanFlag(
+        "generation",
+        "--generation",
+        "grpo: where completions are generated: transformers (default, on the training GPU), vllm-colocate "
+        "(a vLLM engine sharing the GPU) or vllm-server (other GPUs)",
+        choices=GENERATIONS,
+    ),
+    PlanFlag(
+        "vllm_memory",
+        "--vllm-memory",
+        "grpo with vllm-colocate: fraction of each GPU vLLM holds (default {default:g})",
+        "FRACTION",
+        finite_float,
+    ),
+)
+
 #: Every flag that sets a plan field.
-ALL_PLAN_FLAGS: tuple[PlanFlag, ...] = PLAN_FLAGS + METHOD_FLAGS
+ALL_PLAN_FLAGS: tuple[PlanFlag, ...] = PLAN_FLAGS + METHOD_FLAGS + OBJECTIVE_FLAGS
 
 #: Destinations of every flag this module adds (all default to None: "not given").
 _DESTS = ("memory_method", "memory_compare", "memory_peft_config", *(f.dest for f in ALL_PLAN_FLAGS), "memory_trace")
@@ -387,6 +443,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options = parser.add_argument_group("peft method options", "sizes and options of a method (see --method)")
     for flag in METHOD_FLAGS:
         add_flag(options, flag)
+    objective = parser.add_argument_group("training objective", "the loss the step optimises (TRL's trainers)")
+    for flag in OBJECTIVE_FLAGS:
+        add_flag(objective, flag)
     g.add_argument(
         "--trace",
         dest="memory_trace",
@@ -467,4 +526,13 @@ def plans_from_args(args: argparse.Namespace, *, default_methods: str | None = N
     spelling = {flag.field: flag.flag for flag in ALL_PLAN_FLAGS}
     for plan in plans:
         plan.validate(spelling)
+        _refuse_unread(plan, given_by)
     return plans
+
+
+def _refuse_unread(plan: TrainingPlan, given_by: dict[str, str]) -> None:
+    """A flag given for an objective that does not read it, even at its default value (``validate`` sees only
+    values): ``--vllm-memory 0.3`` without vllm-colocate generation is a mistake worth saying."""
+    for name, flag in given_by.items():
+        if name in OBJECTIVE_OPTIONS:
+            plan.check_option_read(name, flag)

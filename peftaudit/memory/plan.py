@@ -94,11 +94,16 @@ GALORE_PROJECTIONS: tuple[str, ...] = ("std", "reverse_std", "right", "left", "f
 #: GaLore's methods (:mod:`peftaudit.memory.galore`): full training with their own optimizer.
 GALORE_METHOD_NAMES: tuple[str, ...] = ("galore", "galore-layerwise")
 
-#: Every built-in method, as ``--method``'s help lists them without importing the registry (a test checks the
-#: registry has exactly these); the option checks of :meth:`TrainingPlan.validate` cover these.
-BUILTIN_METHOD_NAMES: tuple[str, ...] = (
-    "full",
-    "freeze",
+#: Training objectives (TRL 1.16's trainers; ``sft`` is the plain language-model loss of ``Trainer``/
+#: ``SFTTrainer``): :mod:`peftaudit.memory.objectives` says what each one's step holds.
+OBJECTIVES: tuple[str, ...] = ("sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo")
+#: Where GRPO's completions are generated: ``transformers`` (``model.generate`` on the training GPU, TRL's
+#: default), ``vllm-colocate`` (a vLLM engine in the training process holding ``vllm_memory`` of each GPU),
+#: ``vllm-server`` (a vLLM server on other GPUs: nothing on these).
+GENERATIONS: tuple[str, ...] = ("transformers", "vllm-colocate", "vllm-server")
+#: Methods that train through peft: their reference model is the base with adapters disabled (TRL's
+#: ``use_adapter(model, None)``); the others (full, freeze, GaLore) need a second copy of the model.
+PEFT_METHOD_NAMES: tuple[str, ...] = (
     "lora",
     "qlora",
     "lora-8bit",
@@ -114,8 +119,13 @@ BUILTIN_METHOD_NAMES: tuple[str, ...] = (
     "oft",
     "boft",
     "trainable-tokens",
-    *GALORE_METHOD_NAMES,
 )
+#: Prompt-learning methods (virtual tokens): their generation runs through peft's own generation hooks.
+PROMPT_METHOD_NAMES: tuple[str, ...] = ("prompt-tuning", "prefix-tuning", "p-tuning")
+
+#: Every built-in method, as ``--method``'s help lists them without importing the registry (a test checks the
+#: registry has exactly these); the option checks of :meth:`TrainingPlan.validate` cover these.
+BUILTIN_METHOD_NAMES: tuple[str, ...] = ("full", "freeze", *PEFT_METHOD_NAMES, *GALORE_METHOD_NAMES)
 
 
 _LORA_FAMILY = ("lora", "qlora", "lora-8bit", "dora")
@@ -150,6 +160,15 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "galore_rank": GALORE_METHOD_NAMES,
     "galore_targets": GALORE_METHOD_NAMES,
     "galore_proj": GALORE_METHOD_NAMES,
+}
+#: Objective options and the objectives that read each (given to another objective, refused).
+OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "precompute_ref": ("dpo", "kto"),
+    "beta": ("dpo", "kto", "orpo", "simpo", "grpo"),
+    "generations": ("grpo",),
+    "completion_len": ("grpo",),
+    "generation": ("grpo",),
+    "vllm_memory": ("grpo",),
 }
 
 
@@ -264,6 +283,29 @@ class TrainingPlan:
     refuses to run without one; ``("attn", "mlp")`` is the example its docs give."""
     galore_proj: str = "std"
     """``galore``: the projection type (``optim_args`` ``proj_type``, :data:`GALORE_PROJECTIONS`)."""
+
+    # --- objective (TRL 1.16's trainers; defaults are their configs' defaults) ------------------------
+    objective: str = "sft"
+    """What the step optimises (:data:`OBJECTIVES`): ``sft`` (next-token loss), ``dpo``/``kto`` (preference
+    pairs / labelled completions against a reference model), ``orpo``/``simpo`` (pairs, no reference),
+    ``reward`` (pairs through a sequence-classification head), ``grpo`` (generated completions)."""
+    precompute_ref: bool = False
+    """``dpo``/``kto``: reference log-probs computed over the dataset before training
+    (``precompute_ref_log_probs``): no reference pass or reference copy in the step."""
+    beta: float | None = None
+    """The objective's beta; ``None`` is TRL's default (0.1 for dpo, kto, orpo, simpo; 0.0 for grpo). Only
+    GRPO's changes memory: above 0 it loads a reference model (TRL's ``GRPOConfig.beta``)."""
+    generations: int = 8
+    """``grpo``: completions per prompt (``num_generations``, TRL's default 8). ``batch_size`` counts
+    prompts: the step trains ``batch_size x generations`` sequences (TRL's ``per_device_train_batch_size``)."""
+    completion_len: int = 512
+    """``grpo``: tokens per completion (``max_completion_length``, TRL's default 512), within ``seq_len``
+    (prompt + completion)."""
+    generation: str = "transformers"
+    """``grpo``: where completions are generated (:data:`GENERATIONS`)."""
+    vllm_memory: float = 0.3
+    """``grpo`` with ``vllm-colocate``: the fraction of each GPU's memory vLLM holds
+    (``vllm_gpu_memory_utilization``, TRL's default 0.3)."""
 
     # --- precision and quantization ------------------------------------------------
     precision: str = "bf16"
@@ -493,6 +535,7 @@ class TrainingPlan:
         if self.num_virtual_tokens < 1:
             raise PlanError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens!r}")
         self._validate_method_options(spelling or {})
+        self._validate_objective(spelling or {})
         if self.trainable_layers < 0:
             raise PlanError(f"trainable_layers must be >= 0, got {self.trainable_layers!r}")
         if not is_finite_number(self.cuda_context_bytes) or self.cuda_context_bytes < 0:
@@ -516,6 +559,57 @@ class TrainingPlan:
             raise PlanError("targets must not be empty")
         if isinstance(self.targets, tuple) and not self.targets and not self.target_parameters:
             raise PlanError("targets is empty and no target_parameters were given: nothing would train")
+
+    def check_option_read(self, name: str, spelled: str) -> None:
+        """Raise :class:`PlanError` when the objective option ``name`` (spelled ``spelled``) is one this plan's
+        objective (or generation) does not read; the CLI asks it of every flag given, even at its default."""
+        readers = OBJECTIVE_OPTIONS.get(name)
+        if readers is not None and self.objective not in readers:
+            objectives = ", ".join(readers[:-1]) + (" or " if len(readers) > 1 else "") + readers[-1]
+            raise PlanError(f"{spelled} applies to --objective {objectives}, not {self.objective}")
+        if name == "vllm_memory" and self.generation != "vllm-colocate":
+            raise PlanError(f"{spelled} applies to vllm-colocate generation only")
+
+    def _validate_objective(self, spelling: Mapping[str, str]) -> None:
+        _one_of("objective", self.objective, OBJECTIVES)
+        _one_of("generation", self.generation, GENERATIONS)
+        _positive("generations", self.generations)
+        _positive("completion_len", self.completion_len)
+        if self.beta is not None and not (is_finite_number(self.beta) and self.beta >= 0):
+            raise PlanError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        if not (is_finite_number(self.vllm_memory) and 0.0 < self.vllm_memory < 1.0):
+            raise PlanError(f"vLLM memory must be a fraction between 0 and 1, got {self.vllm_memory!r}")
+        for name in OBJECTIVE_OPTIONS:
+            if getattr(self, name) != PLAN_DEFAULTS[name]:
+                self.check_option_read(name, spelling.get(name, name))
+        if self.objective == "sft":
+            return
+        if self.loss != "default" and self.objective != "reward":
+            raise PlanError(
+                f"{spelling.get('loss', 'loss')} applies to the sft and reward objectives: TRL's {self.objective} "
+                "trainer computes its own loss"
+            )
+        if not self.training:
+            raise PlanError(f"the {self.objective} objective trains; optimizer none is inference")
+        if self.objective == "grpo":
+            if self.completion_len >= self.seq_len:
+                raise PlanError(
+                    f"completion length {self.completion_len:,} leaves no prompt in seq-len {self.seq_len:,} "
+                    "(GRPO's seq-len is prompt + completion)"
+                )
+            if self.method in PROMPT_METHOD_NAMES:
+                raise PlanError(
+                    f"GRPO with {self.method} is not modelled: its generation runs through peft's prompt-learning "
+                    "hooks, whose cache peftaudit does not model"
+                )
+        if self.objective in ("orpo", "simpo") and self.method in ("prompt-tuning", "p-tuning"):
+            # TRL 1.16's concatenated_forward slices logits by the batch's length, not the virtual tokens'.
+            raise PlanError(
+                f"TRL's {self.objective} trainer fails with {self.method}: its logits carry the virtual tokens "
+                "its loss does not expect (prefix-tuning works)"
+            )
+        if self.images:
+            raise PlanError(f"the {self.objective} objective with images is not modelled")
 
     def _validate_method_options(self, spelling: Mapping[str, str]) -> None:
         _one_of("lora_init", self.lora_init, LORA_INITS)
@@ -617,16 +711,21 @@ __all__ = [
     "BUILTIN_METHOD_NAMES",
     "GALORE_METHOD_NAMES",
     "GALORE_PROJECTIONS",
+    "GENERATIONS",
     "LENGTHS",
     "LORA_INITS",
     "LOSSES",
     "METHOD_OPTIONS",
+    "OBJECTIVES",
+    "OBJECTIVE_OPTIONS",
     "OFFLOADS",
     "OPTIMIZERS",
     "OPTIMIZER_IMPLS",
+    "PEFT_METHOD_NAMES",
     "PLAN_DEFAULTS",
     "PRECISIONS",
     "PROMPT_ENCODERS",
+    "PROMPT_METHOD_NAMES",
     "SHARDINGS",
     "PlanError",
     "PlanWarning",

@@ -20,8 +20,10 @@ COMPONENTS: tuple[str, ...] = (
     "gradients",
     "optimizer_states",
     "master_weights",
+    "reference_weights",
     "weight_copies",
     "activations",
+    "kv_cache",
     "logits_and_loss",
     "temporaries",
     "cuda_context",
@@ -36,16 +38,21 @@ COMPONENT_HELP: dict[str, str] = {
     "gradients": "parameter gradients alive at the peak",
     "optimizer_states": "optimizer moments (Adam m and v, momentum, factored second moments)",
     "master_weights": "fp32 copies of half-precision weights kept by the optimizer (ZeRO)",
+    "reference_weights": "the reference model a preference or GRPO objective compares with, when it is a "
+    "second copy of the model (full fine-tuning; PEFT disables its adapters instead)",
     "weight_copies": "half-precision casts of weights (autocast) and dequantized or gathered weights",
     "activations": "tensors the forward pass keeps for backward (and forward scratch at the peak)",
-    "logits_and_loss": "logits, their fp32 upcast, log-softmax and its gradient",
+    "kv_cache": "keys and values of the prompts and completions GRPO generates, cached for each next token",
+    "logits_and_loss": "logits, their fp32 upcast, log-softmax and its gradient (or TRL's fused log-prob head)",
     "temporaries": "gradients of activations in flight and kernel scratch at the peak",
     "cuda_context": "CUDA context, kernels and library workspaces outside PyTorch's allocator",
     "allocator_margin": "caching allocator: the least device memory the step runs in, above the tensors "
     "(block rounding, cached segments, fragmentation)",
 }
 
-PHASES: tuple[str, ...] = ("forward", "backward", "optimizer step")
+#: Phases of one step in the order they run: GRPO generates its completions first; the preference
+#: objectives' reference (and KTO's KL) forward passes run after the policy's forward, before backward.
+PHASES: tuple[str, ...] = ("generation", "forward", "reference forward", "backward", "optimizer step")
 
 #: Where an estimate's activations come from: the hand-written layer program of its model type,
 #: a step profile derived from traces of a depth-reduced copy, a Llama-shaped stand-in where even
@@ -121,7 +128,8 @@ class MemoryEstimate:
     components: dict[str, int]
     """Bytes per component at the peak, in :data:`COMPONENTS` order."""
     peak_phase: str
-    """``forward``, ``backward`` or ``optimizer step``."""
+    """One of :data:`PHASES`: ``forward``, ``backward``, ``optimizer step``; objectives add ``generation``
+    and ``reference forward``."""
     activations_per_layer: tuple[int, ...] = ()
     """Bytes each layer keeps for backward at the end of the forward pass."""
     phase_peaks: dict[str, int] = field(default_factory=dict)

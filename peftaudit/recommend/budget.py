@@ -16,7 +16,7 @@ skipped with a note and nothing else changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peftaudit.recommend.rank import Reason, hyperparameters_at
 
@@ -47,6 +47,9 @@ class MicroBatch:
     """``TrainingPlan.expandable_segments``: how the caching allocator is set up."""
     lengths: str = "fixed"
     """``TrainingPlan.lengths``: fixed or varied batch lengths."""
+    objective: tuple[tuple[str, Any], ...] = ()
+    """The training objective's plan fields as given (``objective``, ``generations``, ...); empty: sft.
+    ``batch_size`` counts what the objective's batch counts (pairs, GRPO's prompts)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def training_plan(recipe: LoraRecipe, micro_batch: MicroBatch) -> TrainingPlan:
         stack=micro_batch.stack,
         expandable_segments=micro_batch.expandable_segments,
         lengths=micro_batch.lengths,
+        **dict(micro_batch.objective),
     )
 
 

@@ -78,6 +78,9 @@ class RecommendRequest:
     """``TrainingPlan.expandable_segments`` (``--expandable-segments``)."""
     lengths: str = "fixed"
     """``TrainingPlan.lengths`` (``--lengths``)."""
+    objective: tuple[tuple[str, Any], ...] = ()
+    """The training objective's plan fields as given (``--objective``, ``--generations``, ...; empty: sft):
+    the memory figures are for its step (``batch_size`` then counts pairs or GRPO's prompts)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,13 @@ class Recommendation:
     budget chose); ``None`` where the estimator cannot estimate the model. The renderers' plan line;
     ``to_dict`` carries the request instead."""
 
+    def _request_dict(self) -> dict[str, Any]:
+        """The request as JSON data; ``objective`` (its plan fields) only where one was given."""
+        data = {**asdict(self.request), "stack": dict(self.request.stack), "objective": dict(self.request.objective)}
+        if not self.request.objective:
+            del data["objective"]
+        return data
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data with stable keys: exactly what ``--format json`` prints."""
         recipe = self.recipe
@@ -154,7 +164,7 @@ class Recommendation:
                     "model_type": self.model_type,
                     "total_params": self.total_params,
                 },
-                "request": {**asdict(self.request), "stack": dict(self.request.stack)},
+                "request": self._request_dict(),
                 "recommendation": {
                     "preset": self.preset,
                     "method": recipe.method,
@@ -249,6 +259,7 @@ def recommend(
         stack=request.stack,
         expandable_segments=request.expandable_segments,
         lengths=request.lengths,
+        objective=request.objective,
     )
     budget: BudgetFit | None = None
     if request.budget_bytes is not None:

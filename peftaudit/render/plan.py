@@ -28,7 +28,9 @@ PlanLike = TrainingPlan | Mapping[str, Any]
 
 #: Parts of the line, in the order they are shown. ``omit=`` takes these names.
 PARTS: tuple[str, ...] = (
+    "objective",
     "batch",
+    "generation",
     "accumulation",
     "images",
     "checkpointing",
@@ -127,7 +129,7 @@ def _parts(plan: TrainingPlan) -> dict[str, str]:
     """Each part of the line for one plan; parts at their defaults that go without saying are absent."""
     from peftaudit.memory.methods import base_quantization
 
-    parts = {"batch": f"batch {plan.batch_size:,} x {plan.seq_len:,} tokens"}
+    parts = _objective(plan)
     if plan.gradient_accumulation > 1:
         parts["accumulation"] = f"gradient accumulation {plan.gradient_accumulation:,}"
     if plan.images:
@@ -159,6 +161,36 @@ def _parts(plan: TrainingPlan) -> dict[str, str]:
         parts["cuda_context"] = f"CUDA context {plan.cuda_context_bytes / MIB:,.0f} MiB"
     parts["stack"] = f"stack: {describe(plan.stack) or 'installed'}"
     return parts
+
+
+def _objective(plan: TrainingPlan) -> dict[str, str]:
+    """The batch in the objective's words (pairs, prompts x generations) and what else it runs."""
+    from peftaudit.memory.objectives import trl_beta
+
+    batch, seq, objective = plan.batch_size, plan.seq_len, plan.objective
+    if objective == "sft":
+        return {"batch": f"batch {batch:,} x {seq:,} tokens"}
+    name = objective.upper() if objective != "reward" else "reward model"
+    if plan.precompute_ref:
+        name += ", reference precomputed"
+    if objective == "grpo":
+        beta = trl_beta(plan)
+        if beta > 0:
+            name += f", beta {beta:g} (reference model)"
+        prompts = f"{batch:,} prompt{'s' if batch != 1 else ''}"
+        where = {
+            "transformers": "generation in transformers",
+            "vllm-colocate": f"vLLM colocated ({plan.vllm_memory:.0%} of each GPU)",
+            "vllm-server": "generation on a vLLM server",
+        }[plan.generation]
+        completion = f"({plan.completion_len:,} completion)"
+        batch_words = f"{prompts} x {plan.generations:,} generations x {seq:,} tokens {completion}"
+        return {"objective": name, "batch": batch_words, "generation": where}
+    if objective == "kto":
+        words = f"batch {batch:,} x {seq:,} tokens (+ {batch:,} KL completion{'s' if batch != 1 else ''})"
+    else:
+        words = f"{batch:,} pair{'s' if batch != 1 else ''} ({2 * batch:,} sequences) x {seq:,} tokens"
+    return {"objective": name, "batch": words}
 
 
 def _gpus(plan: TrainingPlan) -> str:

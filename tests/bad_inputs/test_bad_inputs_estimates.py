@@ -451,6 +451,72 @@ ISSUE_16_GALORE = [
     ),
 ]
 
+# Issue 16: the training objectives (TRL 1.16's trainers). Each row a plan no trainer runs, or a flag that
+# applies to another objective.
+ISSUE_16_OBJECTIVES = [
+    Case(
+        "16.generations-zero",
+        ["report", "gpt2", "--objective", "grpo", "--generations", "0"],
+        stderr=r"generations must be a positive integer, got 0",
+    ),
+    Case(
+        "16.generations-without-grpo",
+        ["plan", "gpt2", "--gpu", "H100", "--tokens", "20M", "--objective", "dpo", "--generations", "4"],
+        stderr=r"--generations applies to --objective grpo, not dpo",
+    ),
+    Case(
+        "16.completion-fills-seq",
+        ["report", "gpt2", "--objective", "grpo", "--seq-len", "512"],
+        stderr=r"completion length 512 leaves no prompt in seq-len 512",
+    ),
+    Case("16.unknown-objective", ["report", "gpt2", "--objective", "ppo"], stderr=r"invalid choice: 'ppo'"),
+    Case(
+        "16.precompute-ref-orpo",
+        ["report", "gpt2", "--objective", "orpo", "--precompute-ref"],
+        stderr=r"--precompute-ref applies to --objective dpo or kto, not orpo",
+    ),
+    Case(
+        "16.beta-reward",
+        ["report", "gpt2", "--objective", "reward", "--beta", "0.1"],
+        stderr=r"--beta applies to --objective dpo, kto, orpo, simpo or grpo, not reward",
+    ),
+    Case(
+        "16.beta-negative",
+        ["report", "gpt2", "--objective", "grpo", "--beta", "-0.1"],
+        stderr=r"beta must be a finite number >= 0",
+    ),
+    Case(
+        "16.vllm-memory-without-colocate",
+        ["report", "gpt2", "--objective", "grpo", "--vllm-memory", "0.5"],
+        stderr=r"--vllm-memory applies to vllm-colocate generation only",
+    ),
+    Case(
+        "16.vllm-memory-one",
+        ["report", "gpt2", "--objective", "grpo", "--generation", "vllm-colocate", "--vllm-memory", "1"],
+        stderr=r"vLLM memory must be a fraction between 0 and 1, got 1.0",
+    ),
+    Case(
+        "16.objective-inference",
+        ["report", "gpt2", "--objective", "dpo", "--optimizer", "none"],
+        stderr=r"the dpo objective trains; optimizer none is inference",
+    ),
+    Case(
+        "16.grpo-prompt-tuning",
+        ["report", "gpt2", "--objective", "grpo", "--method", "prompt-tuning"],
+        stderr=r"GRPO with prompt-tuning is not modelled",
+    ),
+    Case(
+        "16.dpo-chunked-loss",
+        ["report", "gpt2", "--objective", "dpo", "--loss", "chunked"],
+        stderr=r"--loss applies to the sft and reward objectives: TRL's dpo trainer computes its own loss",
+    ),
+    Case(
+        "16.dpo-encoder",
+        ["report", "bert-base-uncased", "--objective", "dpo"],
+        stderr=r"the dpo objective trains a decoder-only language model; BertForMaskedLM is not one",
+    ),
+]
+
 CASES = [
     *ITEM_13,
     *ITEM_14,
@@ -459,6 +525,7 @@ CASES = [
     *ISSUE_14_STACK,
     *ISSUE_16_METHODS,
     *ISSUE_16_GALORE,
+    *ISSUE_16_OBJECTIVES,
 ]
 
 

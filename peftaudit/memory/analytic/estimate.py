@@ -31,6 +31,7 @@ from peftaudit.inventory import Inventory
 from peftaudit.memory.allocator import reserve
 from peftaudit.memory.analytic import programs, sharding
 from peftaudit.memory.analytic.layout import ModelLayout, SyntheticLayout, layer_indices, main_block
+from peftaudit.memory.analytic.objective_step import OutputHead, objective_phases
 from peftaudit.memory.analytic.ops import Context
 from peftaudit.memory.analytic.programs import LayerProgram, NoLayerProgram
 from peftaudit.memory.analytic.shape import ModelShape, shape_of
@@ -43,7 +44,15 @@ from peftaudit.memory.derived.windows import reached, windows
 from peftaudit.memory.galore import activations_twin, without_gradients
 from peftaudit.memory.images import check_images, is_vision_model
 from peftaudit.memory.methods import Adaptation
-from peftaudit.memory.plan import PlanError, PlanWarning, TrainingPlan
+from peftaudit.memory.objectives import check_objective, for_objective, head_kind, objective_step
+from peftaudit.memory.plan import (
+    OBJECTIVE_OPTIONS,
+    PEFT_METHOD_NAMES,
+    PLAN_DEFAULTS,
+    PlanError,
+    PlanWarning,
+    TrainingPlan,
+)
 from peftaudit.memory.quantized import base_storage, resolve
 from peftaudit.memory.result import COMPONENT_HELP, COMPONENTS, PHASES, BaseStorage, MemoryEstimate
 from peftaudit.memory.stack import stack_of
@@ -80,8 +89,12 @@ _NOT_IN_PROFILE = {
     # Options that change no tensor's shape (scaling, learning rates).
     "use_rslora",
     "lora_plus_ratio",
+    # The objective's sizes and passes compose with the recorded step (objective_step.py); only the
+    # objective itself changes it (its loss head).
+    *OBJECTIVE_OPTIONS,
 }
 _PROFILE_FIELDS = tuple(f.name for f in dataclass_fields(TrainingPlan) if f.name not in _NOT_IN_PROFILE)
+_OBJECTIVE_FIELDS = tuple(OBJECTIVE_OPTIONS)
 
 
 def _profile_key(plan: TrainingPlan) -> tuple[Any, ...]:
@@ -216,7 +229,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
             attention=plan.attention,
             checkpointing=plan.gradient_checkpointing and plan.training,
             input_grad=adaptation.virtual_tokens > 0 if input_grad is None else input_grad,
-            loss=plan.loss,
+            loss=head_kind(plan),
             virtual=adaptation.virtual_tokens,
             accumulate=plan.gradient_accumulation > 1,
             training=plan.training,
@@ -236,14 +249,18 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
         try:
             fields = {**dict(zip(_PROFILE_FIELDS, _profile_key(plan), strict=True)), "windows_reached": beyond}
             traced_plan, fields = activations_twin(plan, fields)  # GaLore's activations are full training's
+            # An objective's layers run as the plain step's (over its rows); its head is the tape's below.
+            fields.pop("objective")
+            traced_plan = traced_plan.with_(objective="sft", **{k: PLAN_DEFAULTS[k] for k in _OBJECTIVE_FIELDS})
             derived = derive(inventory, traced_plan, adaptation, fields, rules)
             profile = derived.profile
-            if plan.loss == "chunked":
-                # The trace runs transformers' own loss; a fused chunked loss is the tape's: the stand-in's
-                # head on this model's output head. Its layers are Llama-shaped (SyntheticLayout): the real
-                # ones may be named otherwise (OPT, Phi-3, experts) or hold a prompt encoder no program
-                # models. Only whether the hidden states need grad reaches the head: a prefix's trained
-                # keys and values make them need it from the first layer on.
+            if head_kind(plan) != "default":
+                # The trace runs transformers' own loss; a fused chunked loss or an objective's loss head
+                # is the tape's: the stand-in's head on this model's output head. Its layers are
+                # Llama-shaped (SyntheticLayout): the real ones may be named otherwise (OPT, Phi-3,
+                # experts) or hold a prompt encoder no program models. Only whether the hidden states need
+                # grad reaches the head: a prefix's trained keys and values make them need it from the
+                # first layer on.
                 generic = replace(shape, qk_norm=False)
                 head_layout = SyntheticLayout(
                     inventory, plan, adaptation, generic, block, checkpoint=resolved.checkpoint
@@ -299,6 +316,54 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     return result
 
 
+def _objective_candidates(
+    inventory: Inventory,
+    plan: TrainingPlan,
+    activations: str,
+    prepared: _Prepared,
+    candidates: dict[str, dict[str, float]],
+    base_static: dict[str, float],
+    idle: dict[str, float],
+    forward_end: tuple[float, ...],
+    shard: Any,
+) -> dict[str, dict[str, float]]:
+    """The phases an objective's passes add (:mod:`~peftaudit.memory.analytic.objective_step`)."""
+    step = objective_step(plan)
+    layout = prepared.layout
+    shape = shape_of(inventory, programs.lookup(inventory.model_type or "") or programs.STAND_IN)
+    # The reference's and generation's passes: the model without gradients (a reference copy is the
+    # plain model; PEFT's reference is the same model with its adapters disabled).
+    twin = plan.with_(
+        method=plan.method if plan.method in PEFT_METHOD_NAMES else "full",
+        optimizer="none",
+        gradient_checkpointing=False,
+        gradient_accumulation=1,
+    )
+    inference = _prepare(inventory, twin, activations).profile
+    head_spec = layout.linear(None, "output_head")
+    head = OutputHead(
+        vocab=shape.vocab,
+        trainable=bool(head_spec and head_spec.trainable),
+        fp32_under_autocast=bool(plan.autocast and head_spec and head_spec.dtype == "fp32"),
+    )
+    copy = float(shard.base_weights + shard.trainable_weights) if step.reference == "copy" else 0.0
+    in_flight = plan.gradient_accumulation == 1 and not prepared.adaptation.layerwise
+    return objective_phases(
+        candidates,
+        static=base_static,
+        idle=idle,
+        plan=plan,
+        step=step,
+        forward_end=forward_end,
+        inference=inference,
+        seq=plan.seq_len + prepared.adaptation.virtual_tokens,
+        shape=shape,
+        head=head,
+        reference_weights=copy,
+        gradient_fraction=shard.gradient_fraction if in_flight else 0.0,
+    )
+
+
 def _layer_signatures(layout: ModelLayout, ids: list[int]) -> dict[int, Any]:
     """What makes layers differ for the programs (adapter paths name the layer; shapes do not)."""
     roles = sorted({role for (layer, role) in layout._roles if layer is not None})
@@ -337,6 +402,14 @@ def _plan_warnings(inventory: Inventory, plan: TrainingPlan) -> list[PlanWarning
         out.append(
             PlanWarning(
                 "zero3-single-gpu", "ZeRO-3 on one GPU with nothing offloaded saves no memory; it only adds gathers"
+            )
+        )
+    if plan.objective == "grpo" and plan.generation == "vllm-colocate":
+        out.append(
+            PlanWarning(
+                "vllm-colocated",
+                f"vLLM holds {plan.vllm_memory:.0%} of each GPU's memory (vllm_gpu_memory_utilization) beside this "
+                "training step, which must fit in the rest",
             )
         )
     out += stack_of(plan).warnings()  # stack-unknown: a release outside the traced ones
@@ -402,12 +475,16 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
     plan.validate()
     check_images(inventory.config or {}, plan, inventory.architecture)
     check_inventory_checkpointing(inventory, plan)  # the model's class or the method may refuse it
+    check_objective(inventory, plan)
+    plan = for_objective(inventory, plan)
     prepared = _prepare(inventory, plan, activations)
     adaptation, layout, static, profile = prepared.adaptation, prepared.layout, prepared.static, prepared.profile
     warnings, total_params = prepared.warnings, prepared.total_params
     virtual = adaptation.virtual_tokens
     seq = plan.seq_len + virtual
-    result = walk(profile, plan.batch_size, seq, backward=plan.training)
+    # Sequences the step runs: chosen and rejected for pairs, every completion for GRPO.
+    rows = objective_step(plan).rows
+    result = walk(profile, rows, seq, backward=plan.training)
     shard = sharding.per_gpu(plan, static, layout)
     cat = {name: i for i, name in enumerate(CATEGORIES)}
 
@@ -438,6 +515,12 @@ def estimate(inventory: Inventory, plan: TrainingPlan | None = None, *, activati
         step["temporaries"] = float(shard.optimizer_step_scratch)
         step["weight_copies"] = 0.0
         candidates["optimizer step"] = step
+    if plan.objective != "sft":
+        alive = {k: float(v) for k, v in base_static.items()}
+        idle = {**alive, "gradients": float(shard.persistent_grad_buffers)}
+        candidates = _objective_candidates(
+            inventory, plan, activations, prepared, candidates, alive, idle, result.forward_end, shard
+        )
     phase_peaks = {phase: int(sum(c.values())) for phase, c in candidates.items()}
     peak_phase = max(candidates, key=lambda p: (sum(candidates[p].values()), -PHASES.index(p)))
     comp = candidates[peak_phase]

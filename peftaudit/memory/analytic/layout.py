@@ -128,9 +128,13 @@ class ModelLayout(Layout):
             # replace_with_bnb_linear takes `type(module) is nn.Linear` or Conv1D: subclasses of
             # nn.Linear (Falcon's FalconLinear) stay in the model's dtype, and so do the modules the
             # model keeps in float32 (T5's `wo`).
+            # transformers' get_keys_to_not_convert also keeps the module of the model's last parameter (a
+            # classifier's score head, which has no output embeddings).
+            last = inv.parameters[-1].module if inv.parameters else None
             for m in inv.modules:
                 bnb_converts = m.type in ("Linear", "Conv1D") and not keep_fp32.never_quantized(inv, m.path)
-                if bnb_converts and m.is_linear and m.path and m.path != head and not self._is_tied(m.path):
+                kept = m.path in (head, last) or self._is_tied(m.path)
+                if bnb_converts and m.is_linear and m.path and not kept:
                     self._quantizable.add(m.path)
         for m in inv.modules:
             if not m.path or m.layer is None or not m.path.startswith(self.block + "."):

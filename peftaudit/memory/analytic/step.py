@@ -66,6 +66,8 @@ class Walk:
     per_layer: list[float] = field(default_factory=list)
     grads_end: float = 0.0
     """Parameter gradients alive after backward, as the tapes produced them."""
+    forward_end: tuple[float, ...] = ()
+    """Per category, what is alive when the forward pass ends (what it keeps for backward)."""
 
 
 def record_step(
@@ -225,6 +227,7 @@ def walk(profile: StepProfile, batch: float, seq: float, *, backward: bool) -> W
     live = [0.0] * N
     best = _compose([(evaluated[id(seg)][0], n) for seg, n in runs], live)
     result.phases["forward"] = best
+    result.forward_end = tuple(live)
     for index, (seg, n) in enumerate(runs):
         if 0 < index < len(runs) - 1:
             result.per_layer.extend([evaluated[id(seg)][2]] * n)

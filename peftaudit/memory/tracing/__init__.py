@@ -29,7 +29,10 @@ memory-faithful stand-ins, each kept small and explicit:
   fake tensors lack) -> "not packed", what a real unpacked batch gives;
 * autograd accumulates a tensor's second gradient out of place for tensor
   subclasses (fake tensors) and in place for real tensors: the extra buffer of
-  such an accumulation is not allowed to set the peak.
+  such an accumulation is not allowed to set the peak;
+* TRL's loss kernels, in the steps of an objective other than ``sft`` (TRL's own
+  trainer code, :mod:`peftaudit.memory.tracing.objectives`) -> their CUDA (Triton)
+  paths' allocations (:mod:`peftaudit.memory.tracing.trl_standins`).
 
 Every allocation and free is logged and replayed through a model of PyTorch's CUDA
 caching allocator (:mod:`peftaudit.memory.allocator`): the allocator margin is the least
@@ -80,6 +83,12 @@ def trace(
         raise PlanError("the trace simulates one GPU; sharded plans are estimated analytically only")
     if plan.loss == "chunked":
         raise PlanError("the trace runs transformers' own loss; a chunked loss is estimated analytically only")
+    if plan.objective == "reward":  # TRL's reward trainer loads the model's sequence-classification class
+        from peftaudit.memory.tracing.objectives import reward_model
+
+        model = reward_model(model)
+    if plan.objective != "sft" and plan.lengths == "varied":
+        raise PlanError(f"--lengths varied is not traced for the {plan.objective} objective: its steps run at seq-len")
     check_checkpointing(type(model), plan)
     if plan.lengths == "varied" and plan.images:
         raise PlanError("--lengths varied is for text batches; a multimodal plan's images fix its token layout")

@@ -93,6 +93,9 @@ def prepare_model(
             # and, as every transformers quantizer, what the model keeps in float32 (T5's wo)
             kept = {m.path for m in inventory.modules if keep_fp32.never_quantized(inventory, m.path)}
             skip = {head or ""} | tied | kept
+            # transformers also keeps the module of the last parameter unquantized
+            # (quantizers/base.py:get_keys_to_not_convert): a classifier's score head.
+            skip.add(list(model.named_parameters())[-1][0].rpartition(".")[0])
         extras = quantize_linears(model, plan, adaptation.quantization, skip, formats)
         # What transformers sets on a bitsandbytes-quantized model; peft dispatches on it.
         model.is_loaded_in_4bit = adaptation.quantization in ("nf4", "fp4", "fp8", "int")
@@ -146,21 +149,25 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
 
     autocast_adapter = plan.adapter_dtype != "auto"
     causal = hasattr(model, "prepare_inputs_for_generation")
+    # TRL's reward model is a sequence classifier: peft's SEQ_CLS task trains its score head in full
+    # (modules_to_save), as RewardTrainer asks (trl reward_trainer.py:325-327).
+    reward = plan.objective == "reward"
+    task = "SEQ_CLS" if reward else ("CAUSAL_LM" if causal else None)
     if plan.method == "ia3":
         ia3_targets = None if plan.targets in ("default", "all-linear") else list(plan.targets)
         config: Any = peft.IA3Config(
             target_modules=ia3_targets,
             feedforward_modules=list(plan.feedforward_modules) if plan.feedforward_modules is not None else None,
-            task_type="CAUSAL_LM" if causal else None,
+            task_type=task,
         )
     elif plan.method == "prompt-tuning":
-        if not causal:
+        if not causal and not reward:
             raise PlanError("the trace runs prompt tuning on causal language models only")
-        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.num_virtual_tokens)
+        config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=plan.num_virtual_tokens)
     elif plan.method in ("prefix-tuning", "p-tuning"):
         # encoder_hidden_size None is peft's default (the token dimension, utils/other.py).
         prompt: dict[str, Any] = {
-            "task_type": "CAUSAL_LM",
+            "task_type": "SEQ_CLS" if reward else "CAUSAL_LM",
             "num_virtual_tokens": plan.num_virtual_tokens,
             "encoder_hidden_size": plan.encoder_hidden_size,
         }
@@ -182,7 +189,7 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
     elif plan.method in PEFT_ADAPTERS:
         # AdaLoRA, LoHa, LoKr, VeRA, OFT, BOFT: the config the plan stands for (memory/adapters.py).
         name, kwargs = peft_config_kwargs(plan)
-        config = getattr(peft, name)(task_type="CAUSAL_LM" if causal else None, **kwargs)
+        config = getattr(peft, name)(task_type=task, **kwargs)
     else:
         targets: Any = plan.targets
         if targets == "default":
@@ -204,6 +211,7 @@ def _apply_method(model: Any, plan: TrainingPlan, adaptation: Any) -> Any:
             modules_to_save=list(plan.modules_to_save) or None,
             rank_pattern=dict(plan.rank_pattern),
             use_dora=plan.method == "dora",
+            task_type="SEQ_CLS" if reward else None,
             **lora_kwargs,
         )
     with peft_adapter_building(plan.method):  # BOFT's CUDA extension, as on a GPU (tracing/standins.py)

@@ -60,6 +60,11 @@ def run_trace(
     entry, ``steps`` is then ignored); by default every step is ``plan.seq_len`` long.
 
     ``on_step()`` is called as each micro-batch's forward pass begins (progress, :mod:`peftaudit.progress`).
+
+    A plan with an objective other than ``sft`` runs TRL's own loss for it
+    (:mod:`peftaudit.memory.tracing.objectives`) unless ``loss_fn`` is given; its passes tag the
+    ``generation`` and ``reference forward`` phases and the ``logits_and_loss``, ``kv_cache`` and
+    ``reference_weights`` components.
     """
 
     started = time.perf_counter()
@@ -80,12 +85,23 @@ def _run(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    if plan.objective == "reward":  # TRL's reward trainer loads the model's sequence-classification class
+        from peftaudit.memory.tracing.objectives import reward_model
+
+        model = reward_model(model)
     model, extras, notes = prepare_model(model, plan)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     storage_cats = materialize(model, mode, extras)
     tracker = Tracker(log=watched is not None)
     param_storages = set(storage_cats)
     params = [p for p in unique_params(model) if p.requires_grad]
+    objective_hooks: list[Any] = []
+    objective_context: Any = contextlib.nullcontext()
+    if loss_fn is None and plan.objective != "sft":
+        from peftaudit.memory.tracing.objectives import trl_step
+
+        objective = trl_step(model, plan, tracker, param_storages)
+        loss_fn, objective_hooks, objective_context = objective, objective.handles, objective.traced()
     trainable = sum(p.numel() for p in params)
     layers = decoder_layers(model) if watched is None else [m for _, m in watched]
     labels = [str(i) for i in range(len(layers))] if watched is None else [label for label, _ in watched]
@@ -111,7 +127,7 @@ def _run(
     # Batches of another length: their own token ids (built under the fake mode, as the plan's are).
     makers = {n: step_in.make if n == plan.seq_len else step_inputs(model, plan.with_(seq_len=n)).make for n in lengths}
     per_layer: tuple[int, ...] = ()
-    with mode, stand_ins(plan), placeholder_checks_off():
+    with mode, stand_ins(plan), placeholder_checks_off(), objective_context:
         for p in unique_params(model):
             tracker.track(p.untyped_storage(), storage_cats.get(id(p.untyped_storage()), "base_weights"))
         for b in model.buffers():
@@ -167,7 +183,7 @@ def _run(
                         if isinstance(value, torch.Tensor):
                             tracker.retag(value.untyped_storage(), "optimizer_states")
                 optimizer.zero_grad(set_to_none=True)
-    for h in hooks:
+    for h in (*hooks, *objective_hooks):
         h.remove()
     seconds = time.perf_counter() - started
     comps = {k: max(0, int(v)) for k, v in tracker.peak_cats.items()}

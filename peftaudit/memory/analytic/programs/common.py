@@ -127,6 +127,10 @@ def head_loss(
     """
     if kind == "chunked":
         return _chunked_loss(tp, ctx, shape, layout, n)
+    if kind == "logprob":
+        return _fused_logprob_head(tp, n)
+    if kind in ("logits", "logits-nll"):
+        return _logits_logprob_loss(tp, ctx, layout, n, nll=kind == "logits-nll")
     logits = linear_role(tp, ctx, layout, None, "output_head", n)
     tp.drop(n)
     lf = ops.to_fp32_policy(tp, ctx, logits) if fp32_policy else ops.cast(tp, logits, FP32)
@@ -161,4 +165,50 @@ def _chunked_loss(tp: Tape, ctx: Context, shape: ModelShape, layout: Layout, x: 
     )
     tp.record([loss_t], [x, w], saved=[grad_in])
     tp.drop(grad_in, x)
+    return loss_t
+
+
+def _fused_logprob_head(tp: Tape, n: Tensor) -> Tensor:
+    """TRL's fused log-prob head (``ChunkedLogProbFunction``): only the hidden states pass through the tape.
+
+    Its memory depends on how many tokens it scores, not on the tape's batch and sequence, so
+    :mod:`peftaudit.memory.objectives` counts it (:func:`~peftaudit.memory.objectives.fused_head`);
+    the tape keeps the hidden states' gradient, which flows back into the model.
+    """
+    loss_t = tp.new((0.0, 0.0, 1.0), FP32)
+    tp.record([loss_t], [n])
+    tp.drop(n)
+    return loss_t
+
+
+def _logits_logprob_loss(tp: Tape, ctx: Context, layout: Layout, n: Tensor, *, nll: bool) -> Tensor:
+    """ORPO's and SimPO's loss (TRL 1.16 ``concatenated_forward``): full logits, log-probs of the labels.
+
+    The model's output keeps the logits (compute dtype, not upcast); ``selective_log_softmax``'s
+    Triton kernel reads them in place and keeps four fp32 values per position; its backward writes
+    one logits-sized gradient. ORPO adds an NLL on the chosen half (the first half of the rows):
+    ``logits[..., :-1, :].contiguous()`` and ``CrossEntropyLoss``'s log-softmax of it (fp32 under autocast).
+    """
+    logits = linear_role(tp, ctx, layout, None, "output_head", n)
+    tp.drop(n)
+    stats = tp.new(per_token(4), FP32, cat=LOGITS)
+    logp = tp.new(per_token(1), FP32, cat=LOGITS)
+    # logits[:, :-1, :]: a view whose backward writes the gradient into a full-size zero tensor.
+    sliced = tp.view(logits, logits.numel)
+    tp.record([logp], [sliced], saved=[sliced, stats])
+    tp.drop(sliced)
+    tp.drop(stats)
+    loss_t = tp.new((0.0, 0.0, 1.0), FP32)
+    inputs = [logp]
+    if nll:
+        chosen = tp.new(scale(logits.numel, 0.5), logits.dtype, cat=LOGITS)
+        tp.record([chosen], [logits], alias=True)
+        # Autocast runs cross_entropy's log-softmax in fp32: a cast copy, then an fp32 result it saves.
+        upcast = ops.to_fp32_policy(tp, ctx, chosen)
+        tp.drop(chosen)
+        log_softmax = ops.unary_saving_result(tp, upcast)
+        tp.drop(upcast)
+        inputs.append(log_softmax)
+    tp.record([loss_t], inputs, saved=inputs[1:])
+    tp.drop(logits, *inputs)
     return loss_t
