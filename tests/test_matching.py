@@ -11,7 +11,10 @@ the meta-device model are the same modules.
 from __future__ import annotations
 
 import itertools
+import re
+import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +40,9 @@ from peftaudit.memory.targets import lora_adapters
 from peftaudit.recommend.targets import TargetError, language_model_scope, resolve_preset
 from peftaudit.sources.build import build_from_config
 from peftaudit.sources.catalog import entries
+
+sys.path.append(str(Path(__file__).parent / "memory"))  # as pytest adds it for the tests there
+from memory_models import reduced_config
 
 KEYS = (
     "q_proj",
@@ -124,11 +130,24 @@ def test_all_linear_is_peft_expansion(name: str) -> None:
 # --- the catalog: recommender == estimator == peft ---------------------------------------------------
 
 ENTRIES = {e.id: e for e in entries()}
+#: Layers per stack of the copy the catalog test adapts (memory_models.reduced_config). The three
+#: users match module names, and deeper stacks only repeat them: the test checks that the copy has
+#: every module of the model, by name with layer and expert indices left out, and class.
+DEPTH = 8
+
+
+def _copy(model_id: str) -> dict[str, Any]:
+    return reduced_config(dict(ENTRIES[model_id].config), DEPTH)
+
+
+def _kinds(model: Any) -> set[tuple[str, str]]:
+    """Every module as (path with its indices written ``#``, class name)."""
+    return {(re.sub(r"\.\d+(?=\.|$)", ".#", name), type(module).__name__) for name, module in model.named_modules()}
 
 
 def _peft_adapted(model_id: str, **config: Any) -> tuple[set[str], set[str]]:
     """Module paths with a LoRA adapter and parameter paths wrapped by ParamWrapper, in base-model names."""
-    model = build_from_config(dict(ENTRIES[model_id].config), model_id=model_id)
+    model = build_from_config(_copy(model_id), model_id=model_id)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(model, LoraConfig(r=2, **config), low_cpu_mem_usage=True)
@@ -149,11 +168,14 @@ def _estimated(inventory: Any, plan: TrainingPlan) -> tuple[set[str], set[str]]:
     )
 
 
-# Every bundled model, about a minute in all: peft takes a second or more to wrap the large ones.
+# Every bundled model, cut to DEPTH layers per stack: peft takes a second or more to wrap a whole large one.
 @pytest.mark.slow
 @pytest.mark.parametrize("model_id", sorted(ENTRIES))
 def test_recommender_estimator_and_peft_adapt_the_same_modules(model_id: str) -> None:
-    inventory = take_inventory(build_from_config(dict(ENTRIES[model_id].config), model_id=model_id))
+    model = build_from_config(_copy(model_id), model_id=model_id)
+    # The copy has every kind of module the whole model has (dense and MoE layers, cross-attention...).
+    assert _kinds(model) == _kinds(build_from_config(dict(ENTRIES[model_id].config), model_id=model_id))
+    inventory = take_inventory(model)
 
     # peft's own "all-linear": the estimator models it exactly (MoE re-targeting included), the
     # recommender's preset selects its modules, and the estimator adapts them from the names it writes.

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
-from memory_models import reduced_config
+from memory_models import DEPTH_KEYS, reduced_config
 
 CHECK_DEPTH = 8
 TOLERANCE = 0.03
@@ -64,6 +64,28 @@ def catalog_configs() -> dict[str, dict[str, Any]]:
     return {e.id: e.config for e in entries() if e.config.get("model_type") not in NOT_TEXT}
 
 
+def explicit_depths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the depth of every sub-config that leaves it implicit written out.
+
+    LLaVA's ``text_config`` names only its model type: transformers builds LlamaConfig's default
+    32 layers, which :func:`memory_models.reduced_config` (cutting the depth keys a config has)
+    would leave at 32, tracing four times the layers of every other model's copy.
+    """
+    from transformers import AutoConfig
+
+    out = dict(config)
+    for key, value in config.items():
+        if not (key.endswith("_config") and isinstance(value, dict) and "model_type" in value):
+            continue
+        if any(k in value for k in DEPTH_KEYS):
+            continue
+        default = AutoConfig.for_model(value["model_type"])
+        name = next((k for k in DEPTH_KEYS if isinstance(getattr(default, k, None), int)), None)
+        if name is not None:
+            out[key] = {**value, name: getattr(default, name)}
+    return out
+
+
 def one_per_family() -> list[str]:
     """The first catalog id of each model type (what CI checks)."""
     seen: dict[str, str] = {}
@@ -79,7 +101,7 @@ def compare(model_id: str, shape: str) -> Comparison:
     from peftaudit.memory.derived.derivation import base_length
     from peftaudit.sources.build import build_from_config
 
-    config = reduced_config(catalog_configs()[model_id], CHECK_DEPTH)
+    config = reduced_config(explicit_depths(catalog_configs()[model_id]), CHECK_DEPTH)
     seq = base_length(config, 0) * 3 // 2  # past every attention window, and not a fitted point
     plan = TrainingPlan(batch_size=CHECK_BATCH, seq_len=seq, **SHAPES[shape])
     inventory = take_inventory(build_from_config(config, model_id=model_id))

@@ -31,6 +31,8 @@ def catalog(name: str, layers: int = 3) -> dict[str, Any]:
         for key in ("num_hidden_layers", "depth"):
             if key in section:
                 section[key] = layers
+    if "text_config" in config:  # LLaVA's leaves its depth implicit: LlamaConfig's 32 layers, not `layers`
+        config["text_config"].setdefault("num_hidden_layers", layers)
     if "depths" in config:  # ConvNeXt: one or two blocks per stage, four stages
         config["depths"] = [1, 1, 2, 1]
     return config

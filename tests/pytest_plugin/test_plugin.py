@@ -16,14 +16,16 @@ import transformers  # noqa: F401
 
 pytestmark = pytest.mark.slow  # each test runs a pytest session that imports torch
 
+# torch, transformers and peft are imported where used: an xdist controller (which runs no test)
+# then starts without them, as the plugin itself does (test_importing_the_plugin_imports_no_torch).
 CONFTEST = """
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
@@ -32,12 +34,16 @@ def tiny_llama():
 
 @pytest.fixture
 def peft_model():
+    from peft import LoraConfig, get_peft_model
+
     return get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
 
 
 @pytest.fixture
 def train_a_few_steps():
     def train(model, steps=3):
+        import torch
+
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
         for _ in range(steps):

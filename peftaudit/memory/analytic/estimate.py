@@ -36,7 +36,7 @@ from peftaudit.memory.analytic.ops import Context
 from peftaudit.memory.analytic.programs import LayerProgram, NoLayerProgram
 from peftaudit.memory.analytic.shape import ModelShape, shape_of
 from peftaudit.memory.analytic.static import Static, static_memory
-from peftaudit.memory.analytic.step import StepProfile, record_step, walk
+from peftaudit.memory.analytic.step import StepProfile, record_step, walk, with_padding_mask
 from peftaudit.memory.analytic.tape import CATEGORIES
 from peftaudit.memory.checkpointing import check_inventory_checkpointing
 from peftaudit.memory.derived import DerivationError, derive
@@ -197,7 +197,10 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
     warnings = list(resolved.warnings)
     adapter_dtype = plan.weight_dtype if plan.adapter_dtype == "auto" else plan.adapter_dtype
 
-    def make_ctx() -> Context:
+    # TRL's trainers pass their padded batches' attention_mask (SFT's packed batches have none).
+    masked = plan.objective != "sft" and plan.attention == "sdpa"
+
+    def make_ctx(padding_mask: bool = masked) -> Context:
         return Context(
             compute=plan.compute_dtype,
             autocast=plan.autocast,
@@ -206,12 +209,17 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
             training=plan.training,
             dora_eye_held=DORA_EYE_HELD.name in rules,
             dora_recomputes_base=DORA_BASE_RECOMPUTED.name in rules,
+            padding_mask=padding_mask,
         )
 
     ids = layer_indices(inventory, block)
 
     def record(
-        program: LayerProgram, layout: ModelLayout, shape: ModelShape, input_grad: bool | None = None
+        program: LayerProgram,
+        layout: ModelLayout,
+        shape: ModelShape,
+        input_grad: bool | None = None,
+        padding_mask: bool = masked,
     ) -> StepProfile:
         if layout is shared.layout:  # the twin's layout: its layers' signatures too
             if shared.signatures is None:
@@ -223,7 +231,7 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
             program,
             shape,
             layout,
-            make_ctx,
+            lambda: make_ctx(padding_mask),
             layer_ids=ids,
             layer_key=signature.__getitem__,
             attention=plan.attention,
@@ -266,8 +274,13 @@ def _prepare(inventory: Inventory, plan: TrainingPlan, activations: str = "auto"
                     inventory, plan, adaptation, generic, block, checkpoint=resolved.checkpoint
                 )
                 prefix_grad = True if adaptation.prefix_tokens else None
-                head = record(programs.STAND_IN, head_layout, generic, input_grad=prefix_grad).head
+                # Recorded without the padding mask (with_padding_mask below places it around the segments).
+                head = record(programs.STAND_IN, head_layout, generic, input_grad=prefix_grad, padding_mask=False).head
                 profile = replace(profile, head=head)
+            if masked and derived.attention == "sdpa":
+                # The traced layers ran as a plain step, without the objective's padding mask: its bytes are added.
+                checkpointing = plan.gradient_checkpointing and plan.training
+                profile = with_padding_mask(profile, shape, plan.compute_dtype, checkpointing=checkpointing)
             if derived.attention != plan.attention:
                 warnings.append(
                     PlanWarning(

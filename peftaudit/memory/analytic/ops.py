@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftaudit.memory.analytic.tape import COPIES, ZERO, Lin, Tape, Tensor, per_token, scale
+from peftaudit.memory.analytic.tape import COPIES, ZERO, Lin, Tape, Tensor, per_token, per_token_seq, scale
 
 FP32 = "fp32"
 
@@ -41,6 +41,11 @@ class Context:
     dora_recomputes_base: bool = False
     """peft before 0.14: DoRA's forward recomputes the base output from the weight in the input's
     dtype (stack rule ``dora-base-recomputed``)."""
+    padding_mask: bool = False
+    """SDPA runs with a padding mask (TRL's padded batches): transformers builds a boolean
+    ``[rows, 1, S, S]`` mask once per forward and repeats keys and values to every head; each SDPA
+    call converts it to an additive mask that CUDA's memory-efficient kernel keeps for backward
+    (:func:`flash_attention`, :func:`padding_mask`)."""
     weight_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """Autocast's cache of half-precision copies of trainable leaf weights (weight, copy)."""
 
@@ -248,13 +253,35 @@ def rope(tp: Tape, x: Tensor) -> Tensor:
 
 
 def flash_attention(tp: Tape, ctx: Context, q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """SDPA on its flash / memory-efficient kernels: saves q, k, v, out and an fp32 log-sum-exp."""
+    """SDPA on its flash / memory-efficient kernels: saves q, k, v, out and an fp32 log-sum-exp.
+
+    With a padding mask (``ctx.padding_mask``) flash cannot run and CUDA takes the memory-efficient
+    kernel: ``scaled_dot_product_attention`` first converts the boolean mask to an additive one in
+    the query's dtype (``convert_boolean_attn_mask``, a new ``[rows, 1, S, S]`` tensor per call) and
+    ``_scaled_dot_product_efficient_attention`` saves it (``attn_bias``) with q, k, v, the output and
+    the log-sum-exp.
+    """
     qc, kc, vc = (act_for_matmul(tp, ctx, t) for t in (q, k, v))
+    bias = additive_mask(tp, qc.dtype) if ctx.padding_mask else None
     out = tp.new(q.numel, qc.dtype)
     lse = tp.new(per_token(heads), FP32)
-    tp.record([out], [qc, kc, vc], saved=[qc, kc, vc, out, lse])
-    tp.drop(qc, kc, vc, lse)
+    tp.record([out], [qc, kc, vc], saved=[qc, kc, vc, out, lse, bias])
+    tp.drop(qc, kc, vc, lse, bias)
     return out
+
+
+def padding_mask(tp: Tape) -> Tensor:
+    """transformers' ``create_causal_mask`` for a padded batch under SDPA: one boolean ``[rows, 1, S, S]``."""
+    return tp.new(per_token_seq(1), "bool")
+
+
+def additive_mask(tp: Tape, dtype: str) -> Tensor:
+    """torch's ``convert_boolean_attn_mask``: ``where(mask, 0, -inf)`` in the query's dtype, ``[rows, 1, S, S]``.
+
+    (The memory-efficient path pads its last dimension to a multiple of 8 when S is not one; the tape's
+    sizes are linear in S x S, so that padding is left out.)
+    """
+    return tp.new(per_token_seq(1), dtype)
 
 
 def eager_attention(

@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from peftaudit.memory.analytic import ops
 from peftaudit.memory.analytic.layout import Layout
 from peftaudit.memory.analytic.ops import Context
 from peftaudit.memory.analytic.programs import LayerProgram
@@ -26,14 +29,20 @@ from peftaudit.memory.analytic.tape import (
     ACT,
     CATEGORIES,
     LOGITS,
+    TERMS,
+    ZERO,
     CompiledEvents,
     Events,
     Footprint,
+    Lin,
     Tape,
     Tensor,
+    add,
     basis,
     per_token,
+    scale,
 )
+from peftaudit.memory.dtypes import nbytes
 
 N = len(CATEGORIES)
 
@@ -94,9 +103,13 @@ def record_step(
     tp = Tape(ACT, grad=training)
     ctx = make_ctx()
     out = program.embed(tp, ctx, shape, layout, input_grad or checkpointing, virtual)
+    # A padding mask (ops.Context.padding_mask): the model builds it once, before its layers. It lives
+    # until the model's forward returns, or, checkpointed, in each layer's checkpoint (its arguments)
+    # until the last recomputed layer is done: the start of the embedding's backward.
+    mask = ops.padding_mask(tp).nbytes if ctx.padding_mask and attention != "eager" else ZERO
     ctx.end_forward(tp)
     rg, dtype = out.rg, out.dtype
-    embed_seg = _finish(tp, [out], accumulate)
+    embed_seg = _finish(tp, [out], accumulate, free_first=mask if checkpointing else ZERO)
 
     recorded: dict[tuple[Hashable, bool, str], tuple[Segment, bool, str]] = {}
     layers: list[Segment] = []
@@ -111,6 +124,8 @@ def record_step(
 
     tp = Tape(LOGITS, grad=training)
     ctx = make_ctx()
+    if not checkpointing:
+        tp.forward.push(ACT, mask, -1.0)
     x = tp.input(per_token(shape.hidden), dtype, rg)
     loss_t = program.head(tp, ctx, shape, layout, x, loss)
     ctx.end_forward(tp)
@@ -191,13 +206,70 @@ def _accumulate_set(accumulate: bool) -> set[int] | None:
     return _AllParams() if accumulate else None
 
 
-def _finish(tp: Tape, outputs: list[Tensor], accumulate: bool) -> Segment:
+def _finish(tp: Tape, outputs: list[Tensor], accumulate: bool, free_first: Lin = ZERO) -> Segment:
+    """The segment of ``tp``; ``free_first``: activation bytes its backward frees before anything else."""
     saved = Events()
     for s in tp.saved_storages():
         saved.push(s.cat, s.nbytes)
     forward = tp.forward
-    bw, _ = tp.backward(outputs, have=_accumulate_set(accumulate))
+    bw = Events()
+    bw.push(ACT, free_first, -1.0)
+    bw.extend(tp.backward(outputs, have=_accumulate_set(accumulate))[0])
     return Segment(forward.compile(), bw.compile(), saved.compile())
+
+
+def with_padding_mask(profile: StepProfile, shape: ModelShape, compute: str, *, checkpointing: bool) -> StepProfile:
+    """A profile traced without a padding mask (a derived one: plain steps) with the mask's bytes added.
+
+    What :func:`record_step` records with ``Context.padding_mask``, placed at its segments' edges: the
+    boolean mask from the end of the embedding until the head starts (checkpointed: until the
+    embedding's backward starts); per layer the additive mask and, with grouped heads, the keys and
+    values repeated to every head, kept from the layer's start to the end of its backward (checkpointed:
+    a moment at the end of its forward, then through its recomputed backward).
+    """
+    mask = ops.padding_mask(Tape()).nbytes
+    kept = ops.additive_mask(Tape(), compute).nbytes
+    if shape.kv_heads and shape.kv_heads != shape.heads and not shape.sdpa_repeats_kv:
+        repeated = 2 * (shape.heads - shape.kv_heads) * shape.head_dim * nbytes(compute)
+        kept = add(kept, per_token(repeated))
+    neg_mask, neg_kept = scale(mask, -1.0), scale(kept, -1.0)
+    embed = profile.embed
+    embed = Segment(
+        _with_rows(embed.forward, [], [mask]),
+        _with_rows(embed.backward, [neg_mask] if checkpointing else [], []),
+        embed.saved,
+    )
+    head = profile.head
+    if not checkpointing:
+        head = Segment(_with_rows(head.forward, [neg_mask], []), head.backward, head.saved)
+    done: dict[int, Segment] = {}
+    layers: list[Segment] = []
+    for seg in profile.layers:
+        if id(seg) not in done:
+            if checkpointing:
+                forward = _with_rows(seg.forward, [], [kept, neg_kept])
+                saved = seg.saved
+            else:
+                forward = _with_rows(seg.forward, [kept], [])
+                saved = _with_rows(seg.saved, [kept], [])
+            backward = _with_rows(seg.backward, [kept] if checkpointing else [], [neg_kept])
+            done[id(seg)] = Segment(forward, backward, saved)
+        layers.append(done[id(seg)])
+    return StepProfile(embed, tuple(layers), head)
+
+
+def _with_rows(events: CompiledEvents, first: list[Lin], last: list[Lin]) -> CompiledEvents:
+    """``events`` with activation events (sizes over the tape's terms) before and after them."""
+
+    def rows(sizes: list[Lin]) -> np.ndarray:
+        out = np.zeros((len(sizes), len(CATEGORIES), len(TERMS)))
+        for i, size in enumerate(sizes):
+            out[i, ACT, :3] = size
+        return out
+
+    running = events.running
+    coeffs = np.diff(running, axis=0, prepend=np.zeros((1, *running.shape[1:])))
+    return CompiledEvents.of(np.concatenate([rows(first), coeffs, rows(last)]))
 
 
 def walk(profile: StepProfile, batch: float, seq: float, *, backward: bool) -> Walk:

@@ -20,8 +20,12 @@ from peftaudit.memory.tracing.compat import balanced_topk, transformers_module
 from peftaudit.units import SHORT_DTYPES
 
 
-def flash_attention() -> Callable[..., Any]:
-    """``F.scaled_dot_product_attention`` keeping what CUDA's flash kernel keeps."""
+def flash_attention(masked: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """``F.scaled_dot_product_attention`` keeping what CUDA's flash kernel keeps.
+
+    ``masked``: what a call with an ``attn_mask`` runs instead (:func:`memory_efficient_attention`);
+    without it the mask is ignored.
+    """
     import torch
 
     class Flash(torch.autograd.Function):
@@ -47,10 +51,75 @@ def flash_attention() -> Callable[..., Any]:
         scale: Any = None,
         enable_gqa: bool = False,
     ) -> Any:
+        if attn_mask is not None and masked is not None:
+            return masked(query, key, value, attn_mask)
         q, k, v = (emulated_cast(t, "lower") for t in (query, key, value))
         return Flash.apply(q, k, v)
 
     return sdpa
+
+
+#: The memory-efficient kernel's log-sum-exp is padded to a multiple of 32 queries (``kAlignLSE``;
+#: torch/_meta_registrations.py ``meta__scaled_dot_product_efficient_attention``).
+_LSE_ALIGN = 32
+#: ``preprocess_mask`` pads a mask whose strides are not multiples of 8 elements (``mem_eff_alignment``).
+_MASK_ALIGN = 8
+
+
+def memory_efficient_attention() -> Callable[..., Any]:
+    """SDPA with an ``attn_mask`` as CUDA runs it: the memory-efficient kernel (flash takes no mask).
+
+    What torch's ``scaled_dot_product_attention`` (aten/src/ATen/native/transformers/attention.cpp)
+    does on that path, by its allocations: ``convert_boolean_attn_mask`` turns a boolean mask into a
+    new additive one in the query's dtype (0 where it attends, -inf elsewhere; a floating mask passes
+    as is); ``preprocess_mask`` pads its last dimension to a multiple of 8 when its strides are not
+    (a copy) and expands it to ``[batch, heads, L, S]`` (a view); ``_scaled_dot_product_efficient_attention``
+    returns the output and an fp32 log-sum-exp of ``ceil(L / 32) * 32`` per head (when a gradient is
+    needed), and its autograd node saves q, k, v, the mask (``attn_bias``), the output and the
+    log-sum-exp. No ``L x S`` scores exist outside the kernel. The backward returns the three
+    gradients (the mask needs none).
+    """
+    import torch
+
+    class MemoryEfficient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, lse_length: int) -> Any:
+            out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+            lse = torch.empty((*q.shape[:-2], lse_length), dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, bias, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            q, k, v, *_ = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None
+
+    def sdpa(query: Any, key: Any, value: Any, attn_mask: Any) -> Any:
+        q, k, v = (emulated_cast(t, "lower") for t in (query, key, value))
+        bias = additive_mask(emulated_cast(attn_mask, "lower"), q.dtype)
+        if not _aligned(bias):
+            pad = _MASK_ALIGN - bias.shape[-1] % _MASK_ALIGN
+            bias = torch.nn.functional.pad(bias, (0, pad))[..., : bias.shape[-1]]
+        bias = bias.expand(*q.shape[:-1], k.shape[-2])
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        lse_length = -(-q.shape[-2] // _LSE_ALIGN) * _LSE_ALIGN if grad else 0
+        return MemoryEfficient.apply(q, k, v, bias, lse_length)
+
+    return sdpa
+
+
+def additive_mask(mask: Any, dtype: Any) -> Any:
+    """torch's ``convert_boolean_attn_mask``: a boolean mask as a new additive mask in ``dtype``."""
+    import torch
+
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.where(mask, 0.0, torch.scalar_tensor(float("-inf"), dtype=dtype, device=mask.device))
+
+
+def _aligned(mask: Any) -> bool:
+    """``aligned_tensor<8>``: every stride but the last a multiple of 8 elements, the last 1."""
+    return all(stride % _MASK_ALIGN == 0 for stride in mask.stride()[:-1]) and mask.stride()[-1] == 1
 
 
 def gpu_dropout(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -397,7 +466,10 @@ def stand_ins(plan: TrainingPlan) -> Iterator[None]:
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    patch(F, "scaled_dot_product_attention", flash_attention())
+    # TRL's trainers pass their padded batches' attention_mask: SDPA then runs with a mask
+    # (memory_efficient_attention). SFT's traces keep ignoring masks (see docs/memory.md).
+    masked = memory_efficient_attention() if plan.objective != "sft" and plan.attention == "sdpa" else None
+    patch(F, "scaled_dot_product_attention", flash_attention(masked))
     patch(F, "dropout", gpu_dropout(F.dropout))
     AUTOCAST.update(enabled=False, dtype=getattr(torch, SHORT_DTYPES[plan.compute_dtype]), cache={}, paused=0)
 

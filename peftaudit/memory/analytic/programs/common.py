@@ -79,8 +79,10 @@ def self_attention(
         if repeat:
             tp.drop(kr, vr)
         return out
-    if shape.sdpa_repeats_kv and shape.kv_heads and shape.kv_heads != heads:
-        # transformers < 4.54: repeat_kv before SDPA, which keeps the expanded copies for backward.
+    # transformers < 4.54, and any release when a mask is passed (use_gqa_in_sdpa, integrations/
+    # sdpa_attention.py: CUDA's kernels take grouped heads only without one): repeat_kv before SDPA,
+    # which keeps the expanded copies for backward.
+    if (shape.sdpa_repeats_kv or ctx.padding_mask) and shape.kv_heads and shape.kv_heads != heads:
         factor = heads / shape.kv_heads
         kr = tp.new(scale(k.numel, factor), k.dtype)
         tp.record([kr], [k])
