@@ -5,7 +5,8 @@ and ``_maybe_include_all_linear_layers`` the same questions as
 :mod:`peftaudit.matching`. The catalog test holds the three users of those
 rules to one answer: for every bundled model, what the recommender's preset
 selects, what the memory estimator adapts and what ``get_peft_model`` adapts on
-the meta-device model are the same modules.
+the meta-device model (cut to ``DEPTH`` layers per stack, every kind of module kept)
+are the same modules.
 """
 
 from __future__ import annotations

@@ -9,22 +9,17 @@ compared with the estimate in ``test_memory_objectives_trace.py``.
 from __future__ import annotations
 
 import pytest
+from memory_models import CONFIGS
 
 from peftaudit.inventory import take_inventory
 from peftaudit.memory import PlanError, TrainingPlan, estimate
 from peftaudit.memory.objectives import kv_cache_bytes, objective_step, reward_model_config
 from peftaudit.sources.build import build_from_config
 
-# A tiny Llama (2 layers, GQA) as the TRL spike traced it; untied head.
+# memory_models' tiny Llama (2 layers, GQA, untied head) as a causal LM with a context and an end token.
 CONFIG = {
+    **CONFIGS["llama"],
     "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
     "max_position_embeddings": 512,
     "eos_token_id": 2,
 }

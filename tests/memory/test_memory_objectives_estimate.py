@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from memory_models import CONFIGS
 
 pytest.importorskip("trl")
 
@@ -24,15 +25,10 @@ from peftaudit.memory import TrainingPlan, estimate, trace
 from peftaudit.memory.objectives import reward_model_config
 from peftaudit.sources.build import build_from_config
 
+# memory_models' tiny Llama (2 layers, GQA, untied head) as a causal LM with a context and an end token.
 CONFIG = {
+    **CONFIGS["llama"],
     "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
     "max_position_embeddings": 512,
     "eos_token_id": 2,
 }

@@ -16,6 +16,7 @@ of a no-grad pass of the same model, and returns them with what the objective ad
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from peftaudit.memory.analytic.shape import ModelShape
@@ -76,17 +77,16 @@ def objective_phases(
     kept_by_forward = dict(zip(CATEGORIES, forward_end, strict=True))
     compute = plan.compute_dtype
     if step.fused:
-        outputs = _FUSED_OUTPUTS[step.objective]
-        policy = fused_head(
-            step.rows * step.scored_per_row,
+        scoring = functools.partial(
+            fused_head,
             hidden=shape.hidden,
             vocab=head.vocab,
             compute=compute,
             weight=plan.weight_dtype,
-            outputs=outputs,
+            outputs=_FUSED_OUTPUTS[step.objective],
             autocast_casts=head.fp32_under_autocast,
-            trainable_head=head.trainable,
         )
+        policy = scoring(step.rows * step.scored_per_row, trainable_head=head.trainable)
         at_head = _plus(static, kept_by_forward)
         _add(at_head, "logits_and_loss", policy.kept)
         # The end of the forward: the head's scratch on top of everything the policy keeps.
@@ -101,17 +101,7 @@ def objective_phases(
         _add(out["backward"], "gradients", policy.head_gradient * gradient_fraction)  # it stays in .grad
         out["backward"] = _higher(out["backward"], head_backward)
         if step.reference_rows:
-            scored = step.reference_rows * step.scored_per_row
-            ref_head = fused_head(
-                scored,
-                hidden=shape.hidden,
-                vocab=head.vocab,
-                compute=compute,
-                weight=plan.weight_dtype,
-                outputs=outputs,
-                autocast_casts=head.fp32_under_autocast,
-                trainable_head=False,
-            )
+            ref_head = scoring(step.reference_rows * step.scored_per_row, trainable_head=False)
             # DPO, KTO: while the policy's activations wait for backward; GRPO scores the reference
             # after generation, before the training forward.
             base = idle if step.objective == "grpo" else at_head
