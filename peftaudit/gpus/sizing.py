@@ -392,7 +392,9 @@ def largest_generations(
 
 def prompt_len(plan: TrainingPlan) -> int:
     """GRPO: the prompt's tokens, ``seq_len`` less the completion (``TrainingPlan.completion_len``)."""
-    return plan.seq_len - plan.completion_len
+    from peftaudit.memory.objectives import objective_step
+
+    return objective_step(plan).prompt
 
 
 def largest_completion_len(

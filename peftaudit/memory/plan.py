@@ -603,10 +603,11 @@ class TrainingPlan:
                     "hooks, whose cache peftaudit does not model"
                 )
         if self.objective in ("orpo", "simpo") and self.method in ("prompt-tuning", "p-tuning"):
-            # TRL 1.16's concatenated_forward slices logits by the batch's length, not the virtual tokens'.
+            # ORPO's and CPO's losses compare the logits with the labels unsliced (trl 1.16
+            # orpo_trainer.py:779-800, 727-728; cpo_trainer.py:774-775): TRL itself fails.
             raise PlanError(
-                f"TRL's {self.objective} trainer fails with {self.method}: its logits carry the virtual tokens "
-                "its loss does not expect (prefix-tuning works)"
+                f"TRL 1.16's {self.objective} trainer cannot train {self.method}: peft prepends the virtual "
+                "tokens' logits, which its loss does not slice off (prefix-tuning works)"
             )
         if self.images:
             raise PlanError(f"the {self.objective} objective with images is not modelled")

@@ -527,19 +527,8 @@ class TrlStep:
             batch[f"{side}_labels"] = self._tokens(self.plan.batch_size)
         return batch
 
-    def _refuse_virtual_tokens(self, trainer: str, where: str) -> None:
-        """ORPO and CPO score the model's logits against the labels without slicing: peft's prompt and
-        p-tuning prepend the virtual tokens' logits, so TRL 1.16 itself fails there."""
-        if self.plan.method in ("prompt-tuning", "p-tuning"):
-            raise PlanError(
-                f"TRL 1.16's {trainer} cannot train {self.plan.method}: peft prepends the virtual tokens' "
-                f"logits, which its loss does not slice off ({where})"
-            )
-
     def _orpo(self) -> Callable[[Any], Any]:
         from trl.experimental.orpo import ORPOTrainer
-
-        self._refuse_virtual_tokens("ORPOTrainer", "orpo_trainer.py:779-800, 727-728")
 
         stub = self._stub(
             ORPOTrainer,
@@ -560,8 +549,6 @@ class TrlStep:
 
     def _simpo(self) -> Callable[[Any], Any]:
         from trl.experimental.cpo import CPOTrainer
-
-        self._refuse_virtual_tokens("CPOTrainer", "cpo_trainer.py:774-775")
 
         # cpo_config.py: SimPO is loss_type "simpo" with cpo_alpha 0 (no NLL term); simpo_gamma 0.5.
         stub = self._stub(
@@ -926,8 +913,10 @@ def trl_step(model: Any, plan: TrainingPlan, tracker: Any, param_storages: set[i
 
     ``tracker`` is the trace's :class:`~peftaudit.memory.tracing.tracker.Tracker` (phases and categories
     are set on it); ``param_storages`` the storages whose casts count as weight copies (the reference
-    copy's are added).
+    copy's are added). A plan TRL cannot train (``TrainingPlan.validate``: ORPO/SimPO with virtual
+    tokens, GRPO with prompt learning) is refused here too, where a caller traced it without validating.
     """
+    plan.validate()
     return TrlStep(model, plan, tracker, param_storages)
 
 
