@@ -40,6 +40,7 @@ COMMANDS: tuple[str, ...] = (
     "gpus",
     "fit",
     "plan",
+    "serve",
     "snapshot",
     "verify",
     "plugins",

@@ -45,6 +45,9 @@ MARKER_ARGUMENTS: dict[str, str] = {
     "(default: the ini value, else the installed ones)",
     "expandable_segments": "for `fits`: the run sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (default False)",
     "lengths": "for `fits`: 'fixed' batch lengths (packed or padded) or 'varied' (default 'fixed')",
+    "serves": "serving the model (vLLM's accounting; a PeftModel's adapter unmerged) must fit this GPU",
+    "context": "tokens per sequence for `serves` (default: the model's maximum)",
+    "concurrency": "sequences served at once for `serves` (default 1)",
     "objective": "for `fits`: what the step optimises, as TRL's trainers run it: sft (default), dpo, kto, orpo, "
     "simpo, reward, grpo (batch_size then counts pairs, or grpo's prompts)",
     "generations": "for `fits` with objective='grpo': completions per prompt (default 8)",
@@ -92,7 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"peftaudit({arguments}): check the model this test used after it passes: trainable share, "
-        "and whether the training plan fits a GPU. See `peftaudit` docs, pytest plugin.",
+        "whether the training plan fits a GPU, and whether serving it does. See `peftaudit` docs, pytest plugin.",
     )
     if config.getoption("--peftaudit-report"):
         config.pluginmanager.register(_Summary(), "peftaudit-summary")
@@ -124,6 +127,9 @@ class MarkerChecks:
     vllm_memory: float | None = None
     beta: float | None = None
     precompute_ref: bool | None = None
+    serves: str | None = None
+    context: int | None = None
+    concurrency: int | None = None
 
     def objective_fields(self) -> dict[str, Any]:
         """The objective's plan fields the marker gives (the rest keep the plan's defaults)."""
@@ -156,7 +162,16 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
         value = kw.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a number between 0 and 1, got {value!r}")
-    for name in ("max_trainable", "seq_len", "batch_size", "gpus", "generations", "completion_len"):
+    for name in (
+        "max_trainable",
+        "seq_len",
+        "batch_size",
+        "gpus",
+        "generations",
+        "completion_len",
+        "context",
+        "concurrency",
+    ):
         value = kw.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a positive integer, got {value!r}")
@@ -164,7 +179,7 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
         pass  # the default GPU, from --peftaudit-gpu or the ini file
     elif kw.get("fits") is not None and not (isinstance(kw["fits"], str) and kw["fits"].strip()):
         raise ValueError(f"@pytest.mark.peftaudit(fits=...) must be a GPU name or True, got {kw['fits']!r}")
-    for name in ("method", "model", "stack"):
+    for name in ("method", "model", "stack", "serves"):
         value = kw.get(name)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"@pytest.mark.peftaudit({name}=...) must be a non-empty string, got {value!r}")
@@ -193,13 +208,15 @@ def parse_marker(mark: pytest.Mark) -> MarkerChecks:
             parse_stack(kw["stack"])
         except PlanError as exc:
             raise ValueError(f"@pytest.mark.peftaudit(stack=...): {exc}") from None
-    if not any(
-        kw.get(k) is not None for k in ("max_trainable_fraction", "min_trainable_fraction", "max_trainable", "fits")
-    ):
+    checks = ("max_trainable_fraction", "min_trainable_fraction", "max_trainable", "fits", "serves")
+    if not any(kw.get(k) is not None for k in checks):
         raise ValueError(
             "@pytest.mark.peftaudit needs at least one check: max_trainable_fraction, min_trainable_fraction, "
-            "max_trainable or fits"
+            "max_trainable, fits or serves"
         )
+    for name in ("context", "concurrency"):
+        if kw.get(name) is not None and kw.get("serves") is None:
+            raise ValueError(f"@pytest.mark.peftaudit({name}=...) applies to serves=..., which is not given")
     return MarkerChecks(**kw)
 
 
@@ -263,7 +280,34 @@ def _check_model(config: pytest.Config, model: Any, checks: MarkerChecks, item: 
         problems.append(f"  {p.trainable:,} trainable parameters > max_trainable {checks.max_trainable:,}")
     if checks.fits is not None:
         problems += _check_fit(config, model, checks, item)
+    if checks.serves is not None:
+        problems += _check_serve(model, checks, item)
     return problems
+
+
+def _check_serve(model: Any, checks: MarkerChecks, item: pytest.Item) -> list[str]:
+    from peftaudit.errors import PeftauditError
+    from peftaudit.serving.live import serve_live_model
+
+    assert checks.serves is not None
+    plan: dict[str, Any] = {"tensor_parallel_size": 1}
+    if checks.context is not None:
+        plan["max_model_len"] = checks.context
+    if checks.concurrency is not None:
+        plan["concurrency"] = checks.concurrency
+    try:
+        result = serve_live_model(model, gpu=checks.serves, **plan)
+    except PeftauditError as exc:
+        pytest.fail(f"@pytest.mark.peftaudit(serves=...): {exc}", pytrace=False)
+    _record(item, "serve", result.to_dict())
+    if result.fits:
+        return []
+    wanted = checks.concurrency or 1
+    return [
+        f"  does not serve {wanted:,} sequences of {result.max_model_len:,} tokens on one {result.gpu}: the KV cache "
+        f"holds {result.max_concurrency:.2f} ({result.kv_cache_tokens:,} tokens, {result.kv_cache_bytes / 2**30:.2f} "
+        f"GiB after {result.weights_bytes / 2**30:.2f} GiB of weights)"
+    ]
 
 
 def _check_fit(config: pytest.Config, model: Any, checks: MarkerChecks, item: pytest.Item) -> list[str]:
@@ -521,5 +565,11 @@ def _summary_line(record: dict[str, Any]) -> str:
         )
     if kind == "verify":
         return f"verify  {record['summary']}  [{test}]"
+    if kind == "serve":
+        state = "fits" if record.get("fits") else "does NOT fit"
+        return (
+            f"serve   {record['model']} on {record['tensor_parallel']} x {record['gpu']}, "
+            f"{record['max_concurrency']:.2f} x {record['max_model_len']:,} tokens: {state}  [{test}]"
+        )
     state = "fits" if record.get("fits") else "does NOT fit"
     return f"fit     {record.get('summary', '')}: {state}  [{test}]"

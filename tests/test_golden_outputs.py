@@ -52,6 +52,10 @@ COMMANDS: dict[str, list[str]] = {
     "fit": ["fit", LLAMA_8B, "--gpu", "RTX4090", "--method", "lora"],
     "plan": ["plan", "Qwen/Qwen2.5-7B", "--tokens", "500M", "--gpu", "H100", "--price", "2.5"],
     "catalog": ["catalog", "--family", "llama"],
+    # Serving (issue 17): one GPU, every GPU ranked, and LoRA slots for 10 adapters, 4 per batch.
+    "serve": ["serve", LLAMA_8B, "--gpu", "L4", "--context", "8192"],
+    "serve-ranking": ["serve", LLAMA_8B, "--context", "8192"],
+    "serve-adapters": ["serve", LLAMA_8B, "--gpu", "L4", "--context", "8192", "--adapters", "10", "--max-loras", "4"],
 }
 
 #: The formats each command prints (a command that prints only tables and JSON refuses markdown).
@@ -69,6 +73,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "fit": ("table", "json"),
     "plan": ("table", "json"),
     "catalog": ("table", "json"),
+    "serve": ("table", "markdown", "json"),
+    "serve-ranking": ("table", "markdown", "json"),
+    "serve-adapters": ("table", "markdown", "json"),
     "verify": ("table", "json"),
     "verify-failing": ("table", "json"),
 }

@@ -188,7 +188,7 @@ def test_the_page_is_well_formed_and_references_nothing_outside(llama_8b: tuple[
     text, _ = llama_8b
     page = Page(text)
     assert_self_contained(page, text)
-    assert page.section_ids() == ["summary", "layers", "kinds", "memory", "recommendation"]
+    assert page.section_ids() == ["summary", "layers", "kinds", "memory", "recommendation", "serving"]
     for table in page.root.all("table"):  # wide tables scroll in their own box, not the page
         boxes = page.root.all("div", **{"class": "scroll"})
         assert any(any(child is table for child in div.children) for div in boxes)
@@ -233,6 +233,17 @@ def test_the_figures_are_the_json_reports(llama_8b: tuple[str, dict[str, Any]]) 
     assert answer.startswith("LoRA on all-linear (q_proj")
     assert answer.endswith(f"rank {recommendation['rank']}, alpha {recommendation['alpha']}")
     assert section.one("code").text() == recommendation["command"] == f"peftaudit recommend {LLAMA_8B}"
+
+    # Serving: each cell is the JSON row's GPU count, sequences and KV tokens, rows by precision.
+    serving = data["serving_at_a_glance"]
+    header, rows, _ = table_rows(page.section("serving"))
+    assert header == ["Weights", "24 GB (A10G)", "48 GB (L40S)", "80 GB (H100 SXM)"]
+    assert [r[0] for r in rows] == ["bf16 (the checkpoint's dtype)", "AWQ 4-bit, group 128"]
+    cells = [cell for r in rows for cell in r[1:]]
+    assert len(cells) == len(serving["rows"]) == 6
+    for cell, row in zip(cells, serving["rows"], strict=True):
+        gpus = "1 GPU" if row["gpus"] == 1 else f"{row['gpus']} GPUs"
+        assert cell == f"{gpus}: {row['sequences']:,} sequences ({row['kv_cache_tokens']:,} KV tokens per GPU)"
 
 
 def test_the_chart_draws_the_glances_peaks_against_the_gpu_classes(llama_8b: tuple[str, dict[str, Any]]) -> None:

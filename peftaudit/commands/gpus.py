@@ -8,6 +8,7 @@ from typing import Any
 from peftaudit.commands._model import add_model_arguments
 from peftaudit.commands._output import emit, table_or_json, use_color, width
 from peftaudit.commands._plan import add_plan_arguments, model_and_plans
+from peftaudit.commands._serving import add_serving_arguments, serving_flags_given
 from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
@@ -32,6 +33,12 @@ def add_parser(sub: Any) -> None:
     sizing.add_argument("--gpu", action="append", metavar="NAME", help="only these GPUs (repeatable)")
     sizing.add_argument("--max-gpus", type=int, default=128, metavar="N", help="largest GPU count to try (%(default)s)")
     sizing.add_argument("--plot", metavar="FILE", help="also write memory against sequence length to FILE (.svg/.png)")
+    sizing.add_argument(
+        "--serve",
+        action="store_true",
+        help="rank the GPUs for serving MODEL instead of training it (the serving flags below; see `peftaudit serve`)",
+    )
+    add_serving_arguments(parser, adapters=False)
     add_plan_arguments(parser, run)
 
 
@@ -45,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from peftaudit.errors import PeftauditError
     from peftaudit.gpus import render
 
+    given = serving_flags_given(args)
+    if args.serve:
+        return _serve(args)
+    if given:
+        raise PeftauditError(f"{', '.join(given)}: serving flags; add --serve to rank GPUs for serving")
     fmt = table_or_json(args, "gpus")
     gpus = selected_gpus(args.gpu)
     if args.model is None:
@@ -107,6 +119,20 @@ def run(args: argparse.Namespace) -> int:
     render.seq_chart(curve, limits, out, by=f"completion length (after a {prompt:,}-token prompt)" if grpo else None)
     emit(buffer.getvalue(), args)
     return ExitCode.OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``gpus MODEL --serve``: the GPUs ranked for serving (``peftaudit serve``'s ranking)."""
+    from peftaudit.commands._serving import serving_plan
+    from peftaudit.commands.serve import show
+    from peftaudit.errors import PeftauditError
+    from peftaudit.memory.cli import training_flags_given
+
+    if args.model is None:
+        raise PeftauditError("--serve needs MODEL")
+    if training_flags_given(args) or args.plot or args.max_gpus != 128:
+        raise PeftauditError("--serve takes the serving flags, not the training plan's (--method, --seq-len, --plot)")
+    return show(args, serving_plan(args), selected_gpus(args.gpu), one=False)
 
 
 def _curve(inventory: Any, plans: list[Any], seqs: list[int], ceiling: int) -> dict[str, list[tuple[int, int]]]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftaudit.errors import PeftauditError
 from peftaudit.gpus.sizing import Fit
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftaudit.inventory import Inventory
 
 
 @dataclass(frozen=True)
@@ -87,18 +90,9 @@ def fit_live_model(
     from peftaudit.gpus.sizing import fit
     from peftaudit.memory import TrainingPlan
     from peftaudit.memory.stack import normalize_stack
-    from peftaudit.sources.load import load_config
 
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        raise PeftauditError(f"cannot size a {type(model).__name__}: it has no transformers config")
-    data = config.to_dict()
-    # Rebuild the class actually in use (a classifier, say), not the one the checkpoint's config names.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    data["architectures"] = [type(base).__name__]
-    name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
-    inventory = load_config(data, model_id=name, origin=f"live {type(model).__name__}").inventory
-    fields = _adapter_fields(_active_peft_config(model), [m.path for m in inventory.modules], method)
+    inventory, name = live_inventory(model)
+    fields = _adapter_fields(active_peft_config(model), [m.path for m in inventory.modules], method)
     plan = TrainingPlan(
         seq_len=seq_len,
         batch_size=batch_size,
@@ -112,6 +106,22 @@ def fit_live_model(
     )
     plan.validate()
     return LiveFit(fit=fit(inventory, plan, find_gpu(gpu)), model=name, plan=plan.to_dict())
+
+
+def live_inventory(model: Any) -> tuple[Inventory, str]:
+    """The inventory of a live model's architecture, rebuilt on the meta device from its config (the live
+    weights are never touched), and the model's name."""
+    from peftaudit.sources.load import load_config
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise PeftauditError(f"cannot size a {type(model).__name__}: it has no transformers config")
+    data = config.to_dict()
+    # Rebuild the class actually in use (a classifier, say), not the one the checkpoint's config names.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    data["architectures"] = [type(base).__name__]
+    name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    return load_config(data, model_id=name, origin=f"live {type(model).__name__}").inventory, name
 
 
 #: Methods that train a LoRA adapter and differ only in how the frozen base is stored.
@@ -141,7 +151,8 @@ def _adapter_fields(peft_config: Any, paths: list[str], method: str | None) -> d
     return fields
 
 
-def _active_peft_config(model: Any) -> Any:
+def active_peft_config(model: Any) -> Any:
+    """The active adapter's peft config of a PeftModel; ``None`` for a model without one."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not configs:
         return None

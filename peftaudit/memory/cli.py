@@ -472,7 +472,8 @@ def add_flag(group: Any, flag: PlanFlag) -> None:
     )
 
 
-def _given(args: argparse.Namespace) -> bool:
+def training_flags_given(args: argparse.Namespace) -> bool:
+    """Whether any estimator flag (``--method``, ``--seq-len``, ...) was given."""
     # Identity checks: a given 0 (``--rank 0``) must count as given, to be refused by validation.
     return any(getattr(args, d, None) is not None and getattr(args, d) is not False for d in _DESTS)
 
@@ -491,7 +492,7 @@ def plans_from_args(args: argparse.Namespace, *, default_methods: str | None = N
     (one line, exit 2 in the CLI) for flags that make no plan, e.g.
     ``--rank-pattern`` without ``=``.
     """
-    if default_methods is None and not _given(args):
+    if default_methods is None and not training_flags_given(args):
         return []
     fields: dict[str, Any] = {}
     given_by: dict[str, str] = {}

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.memory.plan import TrainingPlan
     from peftaudit.recommend.facts import ModelFacts
     from peftaudit.recommend.recommendation import Recommendation
+    from peftaudit.report.serving_glance import ServingGlance
 
 #: The methods of the memory table, each without and with gradient checkpointing.
 METHODS: tuple[str, ...] = ("full", "lora", "qlora")
@@ -180,15 +181,24 @@ class RecommendationSummary:
 
 @dataclass(frozen=True)
 class Glance:
-    """What the default report adds to the counts: the memory table and the recommendation."""
+    """What the default report adds to the counts: the memory table, the recommendation, and serving."""
 
     memory: MemoryGlance
     recommendation: RecommendationSummary
+    serving: ServingGlance | None = None
+    """Serving on the GPU classes (:mod:`peftaudit.report.serving_glance`); ``None`` read back from a report
+    written before it existed."""
 
 
 def glance_for(inventory: Inventory, facts: ModelFacts, *, model_id: str) -> Glance:
-    """The memory table and the recommendation for a loaded model (``model_id`` as the user names it)."""
-    return Glance(memory=memory_glance(inventory), recommendation=recommendation_summary(inventory, facts, model_id))
+    """The memory table, the recommendation and serving for a loaded model (``model_id`` as the user names it)."""
+    from peftaudit.report.serving_glance import serving_glance
+
+    return Glance(
+        memory=memory_glance(inventory),
+        recommendation=recommendation_summary(inventory, facts, model_id),
+        serving=serving_glance(inventory, model_id=model_id),
+    )
 
 
 def default_plans() -> list[TrainingPlan]:
@@ -313,6 +323,8 @@ def is_current(glance: Glance) -> bool:
     try:
         current = {gpu.name: gpu.usable_bytes for _, gpu in gpu_classes()}
     except PeftauditError:  # an unreadable GPU file: recompute, and let the recomputation report it
+        return False
+    if glance.serving is None:  # cached before the report served: compute it now
         return False
     return all(current.get(c.gpu) == c.usable_bytes for c in glance.memory.gpu_classes)
 

@@ -157,10 +157,11 @@ class Report:
         data = asdict(replace(self, estimates=(), findings=(), glance=None))
         data["estimates"] = [e.to_dict() for e in self.estimates]
         data["findings"] = [f.to_dict() for f in self.findings]
-        del data["glance"]  # written as two top-level fields, null when not computed
+        del data["glance"]  # written as three top-level fields, null when not computed
         glance = self.glance
         data["memory_at_a_glance"] = glance.memory.to_dict() if glance else None
         data["recommendation"] = glance.recommendation.to_dict() if glance else None
+        data["serving_at_a_glance"] = glance.serving.to_dict() if glance and glance.serving else None
         ordered = {"schema_version": data.pop("schema_version"), "peftaudit_version": data.pop("peftaudit_version")}
         ordered.update(data)
         if not self.towers:
@@ -195,18 +196,27 @@ class Report:
                 Tower(name=t["name"], params=t["params"], trainable=t["trainable"], modules=tuple(t["modules"]))
                 for t in data.get("towers", ())
             ),
-            glance=_glance_from(data.get("memory_at_a_glance"), data.get("recommendation")),
+            glance=_glance_from(
+                data.get("memory_at_a_glance"), data.get("recommendation"), data.get("serving_at_a_glance")
+            ),
             schema_version=int(data["schema_version"]),
             peftaudit_version=str(data["peftaudit_version"]),
         )
 
 
-def _glance_from(memory: Mapping[str, Any] | None, recommendation: Mapping[str, Any] | None) -> Glance | None:
+def _glance_from(
+    memory: Mapping[str, Any] | None, recommendation: Mapping[str, Any] | None, serving: Mapping[str, Any] | None
+) -> Glance | None:
     if memory is None or recommendation is None:  # written together; a report without them has neither
         return None
     from peftaudit.report.glance import Glance, MemoryGlance, RecommendationSummary
+    from peftaudit.report.serving_glance import ServingGlance
 
-    return Glance(MemoryGlance.from_dict(memory), RecommendationSummary.from_dict(recommendation))
+    return Glance(
+        MemoryGlance.from_dict(memory),
+        RecommendationSummary.from_dict(recommendation),
+        ServingGlance.from_dict(serving) if serving is not None else None,
+    )
 
 
 def _estimates_from(rows: Sequence[Mapping[str, Any]]) -> tuple[MemoryEstimate, ...]:

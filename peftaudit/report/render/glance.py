@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from peftaudit.render.plan import PlanLine
     from peftaudit.report.glance import Glance, MemoryGlance, MemoryRow, RecommendationSummary
+    from peftaudit.report.serving_glance import ServingGlance, ServingRow
 
 TITLE = "Training memory at a glance"
 
@@ -182,3 +183,35 @@ def glance_markdown(glance: Glance) -> list[str]:
         lines += ["", f"Why: {rec.reason}"]
     lines += ["", f"The full recommendation: `{rec.command}`"]
     return lines
+
+
+SERVING_TITLE = "Serving at a glance"
+
+
+def serving_table(serving: ServingGlance) -> tuple[str, list[str], list[list[str]]]:
+    """The serving glance as (plan line, column headers, rows): one row per precision, one column per GPU class,
+    each cell the fewest GPUs of that class that serve a sequence of the context and how many they serve."""
+    plan = (
+        f"{serving.accounting} at its defaults, {serving.context:,} tokens per sequence, the KV cache in the "
+        "weights' dtype (peftaudit serve MODEL sizes any other plan)"
+    )
+    classes: list[tuple[int, str]] = []
+    for row in serving.rows:
+        if (row.class_gb, row.gpu) not in classes:
+            classes.append((row.class_gb, row.gpu))
+    header = ["Weights", *(f"{gb} GB ({gpu})" for gb, gpu in classes)]
+    rows: list[list[str]] = []
+    for label in dict.fromkeys(r.label for r in serving.rows):
+        cells = [label]
+        for gb, gpu in classes:
+            row = next(r for r in serving.rows if r.label == label and (r.class_gb, r.gpu) == (gb, gpu))
+            cells.append(_serving_cell(row))
+        rows.append(cells)
+    return plan, header, rows
+
+
+def _serving_cell(row: ServingRow) -> str:
+    gpus = "1 GPU" if row.gpus == 1 else f"{row.gpus} GPUs"
+    if not row.fits:
+        return f"not on {gpus}"
+    return f"{gpus}: {row.sequences:,} sequences ({row.kv_cache_tokens:,} KV tokens per GPU)"

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.recommend.findings import Finding
     from peftaudit.report.glance import Glance
     from peftaudit.report.model import Report, TreeNode
+    from peftaudit.report.serving_glance import ServingGlance
 
 #: Colours of the charts and legends: per method (the glance) and per component (detailed estimates).
 #: Each class sets ``fill`` for the SVG and ``background`` for the legend's swatches.
@@ -287,6 +288,22 @@ def _glance(glance: Glance) -> str:
     if rec.reason:
         out.append(f"<p>Why: {escape(rec.reason)}</p>")
     out.append(f"<p>The full recommendation: <code>{escape(rec.command)}</code></p>")
+    out.append("</section>")
+    if glance.serving is not None:
+        out.append(_serving(glance.serving))
+    return "\n".join(out)
+
+
+def _serving(serving: ServingGlance) -> str:
+    from peftaudit.report.render.glance import SERVING_TITLE, serving_table
+
+    out = ['<section id="serving">', f"<h2>{escape(SERVING_TITLE)}</h2>"]
+    if serving.unavailable:
+        out.append(f"<p>{escape(sentence('not sized for serving: ' + serving.unavailable))}</p>")
+    else:
+        plan, header, rows = serving_table(serving)
+        out.append(f'<p class="plan">{escape(plan)}</p>')
+        out.append(_table(header, rows, (False, *([False] * (len(header) - 1)))))
     out.append("</section>")
     return "\n".join(out)
 
