@@ -25,7 +25,7 @@ from peftaudit.serving.adapters import (
     read_adapter,
     vllm_max_lora_rank,
 )
-from peftaudit.serving.kv_cache import LayerCache, kv_heads_split, layer_caches, sequence_bytes
+from peftaudit.serving.kv_cache import LayerCache, kv_bytes_per_token, kv_heads_split, layer_caches, sequence_bytes
 from peftaudit.serving.plan import DTYPES, KV_CACHE_DTYPES, ServingPlan
 from peftaudit.serving.weights import ServingWeights, serving_weights
 
@@ -229,7 +229,7 @@ def _estimate(m: _Model, plan: ServingPlan, *, gpu: str, total_bytes: int, model
     lora = adapters.slot_bytes if adapters is not None else 0
     weights = m.weights.per_gpu(tp)
     kv = nbytes(m.kv_dtype)
-    per_token = sequence_bytes([c for c in m.caches if c.layer >= 0], 1, kv, tp)
+    per_token = kv_bytes_per_token([c for c in m.caches if c.layer >= 0], kv, tp)
     seq = sequence_bytes([c for c in m.caches if c.layer >= 0], max_model_len, kv, tp)
     common: dict[str, Any] = dict(
         model=model,

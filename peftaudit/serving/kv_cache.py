@@ -203,11 +203,11 @@ def layer_caches(
     return _transformers_caches(architecture, config, text, encoder_tokens)
 
 
-def kv_bytes_per_token(caches: Iterable[LayerCache], dtype_bytes: int) -> int:
-    """Bytes one more context token adds while no window is full: every layer whose cache grows with the
-    context counted (full, sliding, MLA, vLLM padding slots; cross layers only when their length follows
-    the context)."""
-    return sum(c.bytes_per_token(dtype_bytes) for c in caches if _grows_with_context(c))
+def kv_bytes_per_token(caches: Iterable[LayerCache], dtype_bytes: int, tensor_parallel: int = 1) -> int:
+    """Bytes one more context token adds while no window is full, per GPU under ``tensor_parallel``: every
+    layer whose cache grows with the context counted (full, sliding, MLA, vLLM padding slots; cross layers
+    only when their length follows the context)."""
+    return sequence_bytes([c for c in caches if _grows_with_context(c)], 1, dtype_bytes, tensor_parallel)
 
 
 def sequence_bytes(caches: Iterable[LayerCache], context: int, dtype_bytes: int, tensor_parallel: int = 1) -> int:

@@ -413,3 +413,15 @@ def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys: pyt
     _assert_one_line_error(code, out, err, pattern)
     assert not (tmp_path / "unpickled").exists()
     assert sorted(os.listdir(tmp_path)) in ([], ["adapter"])  # nothing written
+
+
+def test_cross_attention_layers_do_not_grow_per_token(capsys: pytest.CaptureFixture[str]) -> None:
+    """Mllama's 8 cross-attention layers cache the image's tokens whatever the context: one more token of
+    context adds only the 32 self-attention layers' keys and values (Llama-3.2-11B-Vision's text config:
+    40 layers, 8 of them cross-attention, 8 KV heads of 128), while a sequence holds both."""
+    argv = ["meta-llama/Llama-3.2-11B-Vision", "--gpu", "L4", "--context", "4096", "-tp", "1"]
+    e = estimate(capsys, *argv, "--engine", "transformers")
+    per_token = 32 * 2 * 8 * 128 * 2
+    assert e["kv_bytes_per_token"] == per_token
+    vision_tokens = 4 * ((560 // 14) ** 2 + 1)  # one image at max_num_tiles: 6,404 tokens in each cross layer
+    assert e["sequence_bytes"] == 4096 * per_token + 8 * vision_tokens * 2 * 8 * 128 * 2
