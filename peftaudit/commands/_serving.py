@@ -11,7 +11,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.serving.plan import ServingPlan
 
 #: ``--quantization`` values: vLLM's names for what it loads, and ours (``bitsandbytes`` is nf4).
-QUANTIZATIONS: dict[str, str] = {"awq": "awq", "gptq": "gptq", "fp8": "fp8", "int8": "int8", "bitsandbytes": "nf4"}
+QUANTIZATIONS: dict[str, str] = {
+    "awq": "awq",
+    "gptq": "gptq",
+    "fp8": "fp8",
+    "int8": "int8",
+    "bitsandbytes": "nf4",
+    "mxfp4": "mxfp4",
+}
 
 #: Plan field -> the flag that sets it, for messages.
 SPELLING: dict[str, str] = {
@@ -68,7 +75,8 @@ def add_serving_arguments(parser: argparse.ArgumentParser, *, adapters: bool) ->
         "--quantization",
         "-q",
         choices=tuple(QUANTIZATIONS),
-        help="serve the weights quantized: awq, gptq (4-bit), fp8, int8 (W8A8), bitsandbytes (nf4); "
+        help="serve the weights quantized: awq, gptq (4-bit), fp8, int8 (W8A8), bitsandbytes (nf4), mxfp4 (MoE "
+        "experts); "
         "default: as the checkpoint stores them",
     )
     group.add_argument("--group-size", type=_count, metavar="N", help="AWQ/GPTQ input features per scale (128)")

@@ -115,6 +115,21 @@ def awq_bytes(out_features: int, in_features: int, *, bits: int, group_size: int
     return weight, constants
 
 
+#: Elements per MXFP4 block, each block sharing one 8-bit (E8M0) scale (the OCP Microscaling spec).
+MXFP4_BLOCK = 32
+
+
+def mxfp4_bytes(out_features: int, in_features: int) -> tuple[int, int]:
+    """(weight bytes, constant bytes) of an MXFP4 weight, as gpt-oss checkpoints store their experts.
+
+    Each row's input features go in blocks of 32 FP4 (E2M1) values, two to a byte (``*_blocks``, uint8
+    ``(..., out, in / 32, 16)``), with one uint8 E8M0 scale per block (``*_scales``, ``(..., out, in / 32)``):
+    transformers ``integrations/mxfp4.py``, gpt-oss model card arXiv:2508.10925 section 2.
+    """
+    blocks = out_features * math.ceil(in_features / MXFP4_BLOCK)
+    return blocks * MXFP4_BLOCK // 2, blocks
+
+
 def packed_int_bytes(
     out_features: int, in_features: int, *, bits: int, scales: int, zero_points: bool, scale_bytes: int = 2
 ) -> tuple[int, int]:

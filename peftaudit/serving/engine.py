@@ -256,6 +256,23 @@ def rotary_cache_bytes(inventory: Inventory, dtype: str) -> int:
 
 # --- the KV cache's blocks -------------------------------------------------------------------------------
 
+#: GPU name prefixes of the compute capabilities vLLM's MLA backends key on: Hopper (9.0, FlashMLA) and
+#: data-centre Blackwell (10.0, CUTLASS MLA). Names as the GPU catalog spells them.
+_HOPPER = ("H100", "H200", "H800", "H20", "GH200")
+_BLACKWELL = ("B200", "B300", "GB200", "GB300")
+
+
+def mla_block_size(gpu: str, block_size: int) -> int:
+    """The block size vLLM's V1 engine forces for an MLA model (DeepSeek) on ``gpu`` (v0.11.0
+    ``vllm/platforms/cuda.py:131-182``): CUTLASS MLA's 128 on Blackwell (compute capability 10.0), FlashMLA's
+    64 where it runs (Hopper), else the configured size (the Triton MLA backend)."""
+    name = gpu.upper().replace(" ", "")
+    if name.startswith(_BLACKWELL):
+        return 128
+    if name.startswith(_HOPPER):
+        return 64
+    return block_size
+
 
 @dataclass(frozen=True)
 class CacheGroup:
@@ -371,6 +388,7 @@ __all__ = [
     "blocks_per_request",
     "cache_capacity",
     "decoder_live_elements",
+    "mla_block_size",
     "profile_activation",
     "profile_shape",
     "release",

@@ -260,8 +260,14 @@ def _vllm(m: _Model, plan: ServingPlan, common: dict[str, Any], weights: int, no
     total = common["total_bytes"]
     util = plan.gpu_memory_utilization if plan.gpu_memory_utilization is not None else rel.default_utilization
     weights += engines.rotary_cache_bytes(m.inventory, m.dtype)
+    block_size = plan.block_size
+    if rel.v1 and any(c.kind == "mla" for c in m.caches):
+        block_size = engines.mla_block_size(common["gpu"], plan.block_size)
+        if block_size != plan.block_size:
+            notes.append(f"vLLM forces {block_size}-token blocks for an MLA model on {common['gpu']}")
+            common["block_size"] = block_size
     layout = engines.block_layout(
-        m.caches, block_size=plan.block_size, kv_bytes=nbytes(m.kv_dtype), tensor_parallel=tp, v1=rel.v1
+        m.caches, block_size=block_size, kv_bytes=nbytes(m.kv_dtype), tensor_parallel=tp, v1=rel.v1
     )
 
     requested = math.ceil(total * util)
@@ -281,7 +287,7 @@ def _vllm(m: _Model, plan: ServingPlan, common: dict[str, Any], weights: int, no
         forward, sampler = engines.profile_activation(m.inventory, shape, rel, dtype=m.dtype, tensor_parallel=tp)
         kv_bytes = requested - weights - common["lora_bytes"] - max(forward, sampler) - non_torch - budgeted_graphs
         capacity = engines.cache_capacity(
-            layout, kv_bytes, rel, max_model_len=length, block_size=plan.block_size, scheduled=shape.tokens
+            layout, kv_bytes, rel, max_model_len=length, block_size=block_size, scheduled=shape.tokens
         )
         return shape, forward, sampler, kv_bytes, capacity
 
@@ -309,7 +315,7 @@ def _vllm(m: _Model, plan: ServingPlan, common: dict[str, Any], weights: int, no
             held = at(n)[4]
             return held.blocks >= wanted * held.per_request
 
-        max_context = _longest(holds, plan.block_size, m.context_limit)
+        max_context = _longest(holds, block_size, m.context_limit)
     if not plan.enforce_eager and not rel.graphs_budgeted:
         outside = total - requested
         notes.append(

@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.memory.quantized.formats import CheckpointQuantization
 
 #: The precisions ``--precision`` accepts.
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp8", "int8", "awq", "gptq", "nf4")
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp8", "int8", "awq", "gptq", "nf4", "mxfp4")
 
 #: vLLM pads every vocabulary-parallel embedding (input embeddings and ``ParallelLMHead``) to a
 #: multiple of 64 rows before splitting it across GPUs (``vllm/model_executor/layers/
@@ -86,6 +86,10 @@ _INT8 = WeightFormat("bnb8", "int8", 8)
 # weight on its own after it is cut for its GPU): nf4 with double quantization. (transformers'
 # ``BitsAndBytesConfig`` defaults to no double quantization; vLLM's loader does not follow it.)
 _NF4 = WeightFormat("bnb4", "nf4", 4, double_quant=True)
+# MXFP4 (gpt-oss): the MoE experts only; attention, routers, embeddings and the head stay in bf16 (the
+# checkpoint's ``modules_to_not_convert``; vLLM's ``Mxfp4Config`` quantizes ``FusedMoE`` layers alone,
+# vllm/model_executor/layers/quantization/mxfp4.py ``get_quant_method``).
+_MXFP4 = WeightFormat("mxfp4", "fp4", 4, group_size=32)
 
 # Roles whose layers vLLM splits along their input (``RowParallelLinear``).
 _ROW_PARALLEL = {ModuleRole.ATTENTION_O.value, ModuleRole.MLP_DOWN.value}
@@ -251,6 +255,8 @@ def _scheme(inventory: Inventory, precision: str, group_size: int) -> _Scheme:
     checkpoint = _checkpoint_dtype(inventory)
     if precision == "auto":
         return _auto(inventory, checkpoint)
+    if precision == "mxfp4":
+        return _mxfp4(inventory, checkpoint)
     group = f"group {group_size}" if group_size > 0 else "per channel"
     if precision == "fp8":
         fmt, label, dense = _FP8, "FP8 e4m3, one fp32 scale per layer (vLLM online)", checkpoint
@@ -279,19 +285,22 @@ def _auto(inventory: Inventory, dense: str) -> _Scheme:
                 "modelled for serving; give a precision (bf16, fp8, awq, ...)"
             )
         return _Scheme(f"{dense} (the checkpoint's dtype)", dense)
+    if quant.quant_method == "mxfp4":
+        return _mxfp4(inventory, dense)
     if not quant.groups:
-        if quant.dequantized is not None:
-            # MXFP4 (gpt-oss): no byte layout for it yet, and guessing bf16 would be 4x off.
-            raise ConfigError(
-                f"the checkpoint's quantization_config ({quant.label}) is not modelled for serving; "
-                "give a precision (bf16, fp8, awq, ...)"
-            )
         return _Scheme(f"{dense} (the checkpoint's dtype; {quant.label} quantizes activations only)", dense)
     # A training recipe may dequantize (DeepSeek-V3's FP8); serving keeps the stored format.
     quant = replace(quant, dequantized=None, reference=None)
     modules = quant.formats(inventory)
     experts = quant.expert_formats(inventory) or _checkpoint_experts(inventory, quant)
     return _Scheme(quant.label, dense, modules, experts)
+
+
+def _mxfp4(inventory: Inventory, dense: str) -> _Scheme:
+    experts = {p.name: _MXFP4 for p in _fused_experts(inventory)}
+    if not experts:
+        raise PeftauditError("MXFP4 quantizes fused MoE experts (gpt-oss): this model has none")
+    return _Scheme("MXFP4 experts, the rest " + dense, dense, experts=experts)
 
 
 def _checkpoint_experts(inventory: Inventory, quant: CheckpointQuantization) -> dict[str, WeightFormat]:

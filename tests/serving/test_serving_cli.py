@@ -425,3 +425,15 @@ def test_cross_attention_layers_do_not_grow_per_token(capsys: pytest.CaptureFixt
     assert e["kv_bytes_per_token"] == per_token
     vision_tokens = 4 * ((560 // 14) ** 2 + 1)  # one image at max_num_tiles: 6,404 tokens in each cross layer
     assert e["sequence_bytes"] == 4096 * per_token + 8 * vision_tokens * 2 * 8 * 128 * 2
+
+
+@pytest.mark.parametrize(("gpu", "block"), [("H200", 64), ("B200", 128), ("A100", 16)])
+def test_mla_models_take_the_block_size_vllm_forces(capsys: pytest.CaptureFixture[str], gpu: str, block: int) -> None:
+    """vLLM 0.11 forces FlashMLA's 64-token blocks on Hopper and CUTLASS MLA's 128 on Blackwell
+    (``vllm/platforms/cuda.py:131-182``); elsewhere (A100: Triton MLA) the configured 16 stands."""
+    argv = ["deepseek-ai/DeepSeek-V3", "--gpu", gpu, "-tp", "8", "--quantization", "fp8", "--context", "8192"]
+    e = estimate(capsys, *argv)
+    assert e["block_size"] == block
+    assert e["max_concurrency"] == e["blocks"] / -(-8192 // block)
+    # One latent of 576 elements per token and layer (61 layers), whole on every GPU: no split by -tp.
+    assert e["kv_bytes_per_token"] == 61 * 576 * 2

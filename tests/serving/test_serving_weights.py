@@ -257,6 +257,10 @@ def test_every_precision_keeps_embeddings_head_and_norms_dense(tiny: tuple[Any, 
     model, inventory = tiny
     linear_params = sum(w.numel() for w in _linears(model).values())
     for precision in PRECISIONS:
+        if precision == "mxfp4":  # MoE experts only: a dense model has none to quantize
+            with pytest.raises(PeftauditError, match="MXFP4 quantizes fused MoE experts"):
+                serving_weights(inventory, precision)
+            continue
         served = serving_weights(inventory, precision)
         assert served.total_params == inventory.total
         expected = 0 if precision in ("auto", "bf16", "fp16") else linear_params
@@ -269,7 +273,7 @@ def test_auto_follows_the_checkpoints_quantization_config(tiny: tuple[Any, Any])
     assert serving_weights(gptq, "auto").total_bytes == serving_weights(inventory, "gptq", group_size=64).total_bytes
     assert serving_weights(inventory, "auto").label == "bf16 (the checkpoint's dtype)"
     mxfp4 = dataclasses.replace(inventory, quantization_config={"quant_method": "mxfp4"})
-    with pytest.raises(ConfigError, match="not modelled for serving"):
+    with pytest.raises(PeftauditError, match="MXFP4 quantizes fused MoE experts"):
         serving_weights(mxfp4, "auto")
     unknown = dataclasses.replace(inventory, quantization_config={"quant_method": "hqq"})
     with pytest.raises(ConfigError, match="'hqq'"):
@@ -297,3 +301,20 @@ def test_bad_input_is_one_line(tiny: tuple[Any, Any], call: Any, message: str) -
     with pytest.raises(PeftauditError, match=message) as error:
         call(tiny[1])
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("model_id", "published_gib"), [("openai/gpt-oss-120b", 60.8), ("openai/gpt-oss-20b", 12.8)])
+def test_mxfp4_checkpoints_match_the_model_cards_sizes(model_id: str, published_gib: float) -> None:
+    """gpt-oss stores its MoE experts in MXFP4 (4-bit values, one 8-bit scale per 32) and the rest in bf16: the
+    model card (arXiv:2508.10925, Table 1) gives checkpoint sizes of 60.8 GiB and 12.8 GiB, to 0.1 GiB. The
+    catalog entries keep the Hub's quantization_config, so ``auto`` serves them packed."""
+    from peftaudit.sources.load import load
+
+    inventory = load(model_id).inventory
+    served = serving_weights(inventory, "auto")
+    assert served.label == "MXFP4 experts, the rest bf16"
+    assert round(served.total_bytes / 2**30, 1) == published_gib
+    assert served.total_bytes == serving_weights(inventory, "mxfp4").total_bytes
+    # Everything but the experts stays bf16: the packed part is the experts' 4.25 bits a parameter.
+    experts = sum(p.numel for p in inventory.parameters if p.kind == "experts" and len(p.shape) == 3)
+    assert served.quantized_bytes + served.constant_bytes == experts // 2 + experts // 32

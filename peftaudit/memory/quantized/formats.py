@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from peftaudit.memory.dtypes import awq_bytes, fp8_bytes, gptq_bytes, int8_bytes, nf4_bytes, packed_int_bytes
+from peftaudit.memory.dtypes import (
+    awq_bytes,
+    fp8_bytes,
+    gptq_bytes,
+    int8_bytes,
+    mxfp4_bytes,
+    nf4_bytes,
+    packed_int_bytes,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftaudit.inventory import Inventory, ModuleRecord
@@ -29,7 +37,7 @@ class WeightFormat:
     """How one quantized weight is stored: its layout and the numbers the layout needs."""
 
     layout: str
-    """``bnb4``, ``bnb8``, ``fp8``, ``gptq``, ``awq`` or ``packed`` (compressed-tensors)."""
+    """``bnb4``, ``bnb8``, ``fp8``, ``gptq``, ``awq``, ``mxfp4`` or ``packed`` (compressed-tensors)."""
     kind: str
     """The weight kind layer programs see (:data:`~peftaudit.memory.dtypes.QUANTIZED_KINDS`)."""
     bits: int
@@ -55,6 +63,8 @@ class WeightFormat:
             return gptq_bytes(out_features, in_features, bits=self.bits, group_size=self.group_size)
         if self.layout == "awq":
             return awq_bytes(out_features, in_features, bits=self.bits, group_size=self.group_size)
+        if self.layout == "mxfp4":
+            return mxfp4_bytes(out_features, in_features)
         scales = self._scales(out_features, in_features)
         return packed_int_bytes(out_features, in_features, bits=self.bits, scales=scales, zero_points=self.zero_points)
 
