@@ -191,6 +191,8 @@ def serving_plan(args: argparse.Namespace) -> ServingPlan:
                 ("gpu_memory_utilization", "--gpu-memory-utilization"),
                 ("max_num_seqs", "--max-num-seqs"),
                 ("max_num_batched_tokens", "--max-num-batched-tokens"),
+                ("block_size", "--block-size"),
+                ("enforce_eager", "--enforce-eager"),
             )
             if getattr(args, name, None) is not None
         ]

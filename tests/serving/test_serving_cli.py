@@ -369,6 +369,10 @@ BAD: dict[str, tuple[list[str], str]] = {
         [*L4_8K, "--engine", "transformers", "--gpu-memory-utilization", "0.5"],
         r"--gpu-memory-utilization appl(y|ies) to --engine vllm only",
     ),
+    "transformers-eager": (
+        [*L4_8K, "--engine", "transformers", "--enforce-eager", "--block-size", "32"],
+        r"--block-size, --enforce-eager apply to --engine vllm only",
+    ),
     "format-html": ([*L4_8K, "--format", "html"], r"--format .*'html'"),
     "encoder": ([BERT, "--gpu", "L4"], r"BertForMaskedLM: not a generative model"),
     "unknown-target": (
