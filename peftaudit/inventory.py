@@ -541,7 +541,8 @@ def _quantization_config(config: Mapping[str, Any]) -> Any:
     return to_dict() if callable(to_dict) else value
 
 
-def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's part of a multimodal config (``text_config``), else the config itself."""
     text = config.get("text_config")
     return text if isinstance(text, Mapping) else config
 
@@ -555,7 +556,7 @@ def _first_int(config: Mapping[str, Any], keys: Iterable[str]) -> int | None:
 
 
 def _dims(config: Mapping[str, Any]) -> ModelDims:
-    text = _text_config(config)
+    text = text_config(config)
     hidden = _first_int(text, ("hidden_size", "n_embd", "d_model", "dim"))
     heads = _first_int(text, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
     kv = _first_int(text, ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"))
@@ -579,7 +580,7 @@ def _dims(config: Mapping[str, Any]) -> ModelDims:
 
 
 def _moe_info(inventory: Inventory, config: Mapping[str, Any]) -> MoeInfo | None:
-    text = _text_config(config)
+    text = text_config(config)
     num_experts = _first_int(text, ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
     top_k = _first_int(text, ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k"))
     expert_params = sum(p.numel for p in inventory.parameters if p.kind == "experts")

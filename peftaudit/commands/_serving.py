@@ -20,26 +20,6 @@ QUANTIZATIONS: dict[str, str] = {
     "mxfp4": "mxfp4",
 }
 
-#: Plan field -> the flag that sets it, for messages.
-SPELLING: dict[str, str] = {
-    "engine": "--engine",
-    "precision": "--quantization",
-    "group_size": "--group-size",
-    "dtype": "--dtype",
-    "kv_cache_dtype": "--kv-cache-dtype",
-    "max_model_len": "--context",
-    "concurrency": "--concurrency",
-    "gpu_memory_utilization": "--gpu-memory-utilization",
-    "tensor_parallel_size": "--tensor-parallel-size",
-    "max_num_seqs": "--max-num-seqs",
-    "max_num_batched_tokens": "--max-num-batched-tokens",
-    "block_size": "--block-size",
-    "adapters": "--adapters",
-    "max_loras": "--max-loras",
-    "max_lora_rank": "--max-lora-rank",
-    "max_cpu_loras": "--max-cpu-loras",
-}
-
 
 def _count(text: str) -> int:
     """An argparse type: a whole number (0 and negatives pass, so the plan's check says which flag)."""
@@ -119,7 +99,8 @@ def add_serving_arguments(parser: argparse.ArgumentParser, *, adapters: bool) ->
     lora.add_argument("--targets", metavar="NAMES", help="the adapters' target modules, comma-separated")
 
 
-#: The flags :func:`add_serving_arguments` adds (without the adapters'), by destination.
+#: The flags :func:`add_serving_arguments` adds (without the adapters'), by destination (the plan field of
+#: the same name, but ``quantization``'s, ``precision``).
 SERVING_FLAGS: dict[str, str] = {
     "engine": "--engine",
     "vllm_version": "--vllm-version",
@@ -136,6 +117,26 @@ SERVING_FLAGS: dict[str, str] = {
     "block_size": "--block-size",
     "enforce_eager": "--enforce-eager",
 }
+
+#: Plan field -> the flag that sets it, for messages.
+SPELLING: dict[str, str] = {
+    **SERVING_FLAGS,
+    "precision": "--quantization",
+    "adapters": "--adapters",
+    "max_loras": "--max-loras",
+    "max_lora_rank": "--max-lora-rank",
+    "max_cpu_loras": "--max-cpu-loras",
+}
+
+#: Flags only the vLLM engine reads.
+_VLLM_ONLY = (
+    "vllm_version",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "block_size",
+    "enforce_eager",
+)
 
 
 def serving_flags_given(args: argparse.Namespace) -> list[str]:
@@ -184,18 +185,7 @@ def serving_plan(args: argparse.Namespace) -> ServingPlan:
     )
     plan.validate(SPELLING)
     if plan.engine != "vllm":
-        vllm_only = [
-            flag
-            for name, flag in (
-                ("vllm_version", "--vllm-version"),
-                ("gpu_memory_utilization", "--gpu-memory-utilization"),
-                ("max_num_seqs", "--max-num-seqs"),
-                ("max_num_batched_tokens", "--max-num-batched-tokens"),
-                ("block_size", "--block-size"),
-                ("enforce_eager", "--enforce-eager"),
-            )
-            if getattr(args, name, None) is not None
-        ]
+        vllm_only = [SERVING_FLAGS[name] for name in _VLLM_ONLY if getattr(args, name, None) is not None]
         if vllm_only:
             from peftaudit.serving.plan import ServingPlanError
 

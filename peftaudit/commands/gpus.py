@@ -8,7 +8,7 @@ from typing import Any
 from peftaudit.commands._model import add_model_arguments
 from peftaudit.commands._output import emit, table_or_json, use_color, width
 from peftaudit.commands._plan import add_plan_arguments, model_and_plans
-from peftaudit.commands._serving import add_serving_arguments, serving_flags_given
+from peftaudit.commands._serving import add_serving_arguments, serving_flags_given, serving_plan
 from peftaudit.exit_codes import ExitCode
 from peftaudit.render.json import dumps
 
@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """``gpus MODEL --serve``: the GPUs ranked for serving (``peftaudit serve``'s ranking)."""
-    from peftaudit.commands._serving import serving_plan
     from peftaudit.commands.serve import show
     from peftaudit.errors import PeftauditError
     from peftaudit.memory.cli import training_flags_given

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from peftaudit.inventory import Inventory
+from peftaudit.inventory import Inventory, text_config
 from peftaudit.memory.checkpointing import CheckpointingRefused
 from peftaudit.memory.methods import Adaptation
 from peftaudit.memory.plan import PlanError, TrainingPlan
@@ -46,12 +46,6 @@ def prompt_dtype(plan: TrainingPlan) -> str:
     return plan.adapter_dtype if plan.adapter_dtype in ("bf16", "fp16") else "fp32"
 
 
-def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The language model's config: peft reads ``text_config`` of a multimodal config."""
-    text = config.get("text_config")
-    return text if isinstance(text, Mapping) else config
-
-
 def _first(config: Mapping[str, Any], *keys: str) -> int | None:
     for key in keys:
         value = config.get(key)
@@ -64,7 +58,7 @@ def prompt_dims(inventory: Inventory, method: str) -> tuple[int, int, int]:
     """``(num_layers, token_dim, num_attention_heads)`` as peft's ``_prepare_prompt_learning_config``
     fills them in for ``method`` (``prefix-tuning`` applies the grouped-query-attention rule)."""
     top = inventory.config or {}
-    config = _text_config(top)
+    config = text_config(top)  # peft reads a multimodal config's text_config
     dims = inventory.dims
     # peft reads num_hidden_layers off the config object first (transformers maps n_layer to it).
     layers = _first(top, "num_hidden_layers") or _first(config, "num_hidden_layers", "num_layers", "n_layer")

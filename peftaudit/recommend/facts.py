@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftaudit.inventory import text_config as language_config
+
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -29,8 +31,7 @@ class ModelFacts:
     @property
     def text_config(self) -> Mapping[str, Any]:
         """The language model's part of a multimodal config (else the config itself)."""
-        text = self.config.get("text_config")
-        return text if isinstance(text, Mapping) else self.config
+        return language_config(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         """The facts as JSON-ready data (:meth:`from_dict` reads them back equal)."""

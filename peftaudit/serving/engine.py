@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from peftaudit.errors import PeftauditError
+from peftaudit.inventory import text_config
 from peftaudit.memory.dtypes import nbytes
 from peftaudit.serving.kv_cache import LayerCache, sequence_bytes
 from peftaudit.units import GIB
@@ -214,9 +215,7 @@ def decoder_live_elements(inventory: Inventory, tensor_parallel: int = 1) -> int
     hidden = dims.hidden_size or 0
     intermediate = dims.intermediate_size or 0
     if inventory.moe is not None:
-        config = inventory.config or {}
-        text = config.get("text_config", config) if isinstance(config, dict) else config
-        expert = int(text.get("moe_intermediate_size") or intermediate)
+        expert = int(text_config(inventory.config or {}).get("moe_intermediate_size") or intermediate)
         intermediate = expert * inventory.moe.experts_per_token
     heads = dims.num_attention_heads or 0
     kv_heads = dims.num_key_value_heads or heads
@@ -248,9 +247,7 @@ def rotary_cache_bytes(inventory: Inventory, dtype: str) -> int:
     dims = inventory.dims
     if not dims.max_position_embeddings or not dims.head_dim:
         return 0
-    config = inventory.config or {}
-    text = config.get("text_config", config) if isinstance(config, dict) else config
-    factor = float(text.get("partial_rotary_factor") or 1.0)
+    factor = float(text_config(inventory.config or {}).get("partial_rotary_factor") or 1.0)
     return dims.max_position_embeddings * int(dims.head_dim * factor) * nbytes(dtype)
 
 

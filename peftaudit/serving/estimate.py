@@ -142,8 +142,20 @@ class _Model:
     dtype: str
     kv_dtype: str
     context_limit: int
-    adapter_files: tuple[AdapterFile, ...] = ()
-    """The plan's saved adapters, read once."""
+    adapters: _AdapterSetup | None = None
+    """The plan's adapters: their files read and their slots laid out once."""
+
+
+@dataclass(frozen=True)
+class _AdapterSetup:
+    """What the plan's adapters take whatever the GPU count (:meth:`LoraSlots.per_gpu` splits the slots)."""
+
+    rank: int
+    slots: LoraSlots
+    adapter_bytes: int
+    host_adapter_bytes: int
+    """One adapter as the host cache holds it (``lora_dtype``)."""
+    notes: tuple[str, ...]
 
 
 def estimate_serving(
@@ -191,15 +203,12 @@ def _smallest(m: _Model, plan: ServingPlan, *, gpu: str, total_bytes: int, model
 
 
 def _prepare(inventory: Inventory, plan: ServingPlan) -> _Model:
-    engine = "vllm" if plan.engine == "vllm" else "transformers"
-    caches = layer_caches(inventory, engine)
-    precision = plan.precision
-    weights = serving_weights(inventory, precision, group_size=plan.group_size)
+    caches = layer_caches(inventory, plan.engine)
+    weights = serving_weights(inventory, plan.precision, group_size=plan.group_size)
     dtype = DTYPES[plan.dtype] or (weights.dense_dtype if weights.dense_dtype in ("bf16", "fp16") else "bf16")
     kv_dtype = KV_CACHE_DTYPES[plan.kv_cache_dtype] or dtype
     limit = inventory.dims.max_position_embeddings or 2048
-    files = tuple(read_adapter(p) for p in plan.adapters.paths) if plan.adapters is not None else ()
-    return _Model(inventory, weights, caches, dtype, kv_dtype, limit, files)
+    return _Model(inventory, weights, caches, dtype, kv_dtype, limit, _adapter_setup(inventory, plan, dtype))
 
 
 def _estimate(m: _Model, plan: ServingPlan, *, gpu: str, total_bytes: int, model: str) -> ServingEstimate:
@@ -229,8 +238,9 @@ def _estimate(m: _Model, plan: ServingPlan, *, gpu: str, total_bytes: int, model
     lora = adapters.slot_bytes if adapters is not None else 0
     weights = m.weights.per_gpu(tp)
     kv = nbytes(m.kv_dtype)
-    per_token = kv_bytes_per_token([c for c in m.caches if c.layer >= 0], kv, tp)
-    seq = sequence_bytes([c for c in m.caches if c.layer >= 0], max_model_len, kv, tp)
+    layers = [c for c in m.caches if c.layer >= 0]  # vLLM's group padding is no layer of the model
+    per_token = kv_bytes_per_token(layers, kv, tp)
+    seq = sequence_bytes(layers, max_model_len, kv, tp)
     common: dict[str, Any] = dict(
         model=model,
         gpu=gpu,
@@ -435,11 +445,11 @@ def _longest(ok: Any, step: int, limit: int) -> int:
     return low * step
 
 
-def _adapters(m: _Model, plan: ServingPlan, tp: int) -> AdapterMemory | None:
+def _adapter_setup(inventory: Inventory, plan: ServingPlan, dtype: str) -> _AdapterSetup | None:
     a = plan.adapters
     if a is None:
         return None
-    files = m.adapter_files
+    files = [read_adapter(p) for p in a.paths]
     targets = a.targets
     rank = a.max_lora_rank if a.max_lora_rank is not None else DEFAULT_MAX_LORA_RANK
     if files:
@@ -455,42 +465,50 @@ def _adapters(m: _Model, plan: ServingPlan, tp: int) -> AdapterMemory | None:
     notes: list[str] = []
     if plan.engine == "vllm":
         # vLLM wraps every supported module at start-up, before any adapter is known (lora/models.py).
-        slots: LoraSlots = lora_slots(m.inventory, max_loras=a.max_loras, max_lora_rank=rank, dtype=m.dtype)
-        slot_bytes = slots.per_gpu(tp)
+        slots = lora_slots(inventory, max_loras=a.max_loras, max_lora_rank=rank, dtype=dtype)
         notes.append(
             f"vLLM allocates {a.max_loras} slot(s) at rank {rank} for every module it supports "
             f"({', '.join(slots.modules)}), whatever the adapters target"
         )
         notes.extend(slots.notes)
-        modules = slots.modules
     else:
-        slots = lora_slots(m.inventory, max_loras=a.count, max_lora_rank=rank, dtype=m.dtype, targets=targets)
-        slot_bytes = slots.per_gpu(tp)
-        modules = slots.modules
+        slots = lora_slots(inventory, max_loras=a.count, max_lora_rank=rank, dtype=dtype, targets=targets)
     # One adapter's own factors (not the vocabulary rows vLLM adds to the base), in the serving dtype, as
     # vLLM's CPU cache holds them (lora_dtype); a saved file's own bytes when given (peft saves fp32).
-    one = lora_slots(m.inventory, max_loras=1, max_lora_rank=rank, dtype=m.dtype, targets=targets)
+    one = lora_slots(inventory, max_loras=1, max_lora_rank=rank, dtype=dtype, targets=targets)
     own = sum(b for kind, b in one.breakdown(1) if kind != EXTRA_VOCAB)
-    adapter_bytes = max(f.tensor_bytes for f in files) if files else own
-    host = max(_in_dtype(f, m.dtype) for f in files) if files else own
-    cpu = a.max_cpu_loras or a.max_loras
-    weights = m.weights.per_gpu(tp)
     notes.append(
         "unmerged adapters cost throughput: each batch runs the LoRA kernels (punica) next to the base's "
         "matmuls, more so with many distinct adapters in one batch; merged copies run at the base's speed"
     )
+    return _AdapterSetup(
+        rank=rank,
+        slots=slots,
+        adapter_bytes=max(f.tensor_bytes for f in files) if files else own,
+        host_adapter_bytes=max(_in_dtype(f, dtype) for f in files) if files else own,
+        notes=tuple(notes),
+    )
+
+
+def _adapters(m: _Model, plan: ServingPlan, tp: int) -> AdapterMemory | None:
+    a, setup = plan.adapters, m.adapters
+    if a is None or setup is None:
+        return None
+    slot_bytes = setup.slots.per_gpu(tp)
+    cpu = a.max_cpu_loras or a.max_loras
+    weights = m.weights.per_gpu(tp)
     return AdapterMemory(
         count=a.count,
         max_loras=a.max_loras,
-        max_lora_rank=rank,
+        max_lora_rank=setup.rank,
         max_cpu_loras=cpu,
         slot_bytes=slot_bytes,
-        slot_modules=modules,
-        adapter_bytes=adapter_bytes,
-        host_bytes=cpu * host,
+        slot_modules=setup.slots.modules,
+        adapter_bytes=setup.adapter_bytes,
+        host_bytes=cpu * setup.host_adapter_bytes,
         merged_bytes=a.count * weights,
         break_even=break_even(weights, slot_bytes),
-        notes=tuple(notes),
+        notes=setup.notes,
     )
 
 
